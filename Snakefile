@@ -1,0 +1,19 @@
+# Reproduce the tables of PSPNet, Specialize-and-Fuse and HFGD from raw data.
+#   snakemake results/tables/pspnet_table1.md --cores all              (demo scale, CPU)
+#   snakemake results/tables/pspnet_table1.md --cores all --config scale=tiny seeds=[0,1]
+# Stages: dataset -> training -> evaluation -> table; every rule calls the `segrepro` CLI.
+
+configfile: "params/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/eval.smk"
+include: "workflow/rules/tables.smk"
+
+
+rule all:
+    input:
+        all_tables(),
+    default_target: True

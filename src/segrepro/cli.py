@@ -1,0 +1,171 @@
+"""`segrepro`: the command line every workflow rule calls, usable by hand as well.
+
+  segrepro prepare DATASET                     generate or convert a dataset into data/DATASET
+  segrepro train    --paper P --experiment E   train one run (resumes from its checkpoint)
+  segrepro evaluate --paper P --experiment E   evaluate it with a test protocol
+  segrepro table NAME                          write results/tables/NAME.md (+ .csv)
+  segrepro config   --paper P --experiment E   print the fully resolved configuration
+  segrepro list                                papers, experiments and tables
+  segrepro tracking-init                       create the MLflow store and experiments
+
+Run it in the project folder (params/ there). Scale, dataset and seeds default to
+params/config.yaml. Errors print one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from segrepro import paths
+from segrepro.config import Params, load_params
+from segrepro.errors import SegreproError
+
+
+def _run_arguments(parser: argparse.ArgumentParser, seed: bool = True) -> None:
+    parser.add_argument("--paper", required=True, help="e.g. pspnet")
+    parser.add_argument("--experiment", required=True, help="an experiment ID of the paper's registry")
+    parser.add_argument("--scale", help="tiny | demo | paper (default: params/config.yaml)")
+    parser.add_argument("--dataset", help="a dataset of params/datasets.yaml (default: the scale's)")
+    if seed:
+        parser.add_argument("--seed", type=int, default=None, help="default: the first of config seeds")
+
+
+def _device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segrepro", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prepare = commands.add_parser("prepare", help="generate or convert a dataset")
+    prepare.add_argument("dataset")
+    prepare.add_argument("--out", type=Path, help="default: data/DATASET")
+
+    train = commands.add_parser("train", help="train one run")
+    _run_arguments(train)
+    _device_arguments(train)
+    train.add_argument("--out", type=Path, help="final model file (default: results/runs/…/model.pt)")
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a trained run")
+    _run_arguments(evaluate)
+    _device_arguments(evaluate)
+    evaluate.add_argument("--protocol", default="ss", help="a test protocol of the scale (ss, ms, …)")
+    evaluate.add_argument("--out", type=Path, help="metrics JSON (default: results/metrics/…/PROTOCOL.json)")
+
+    table = commands.add_parser("table", help="build a paper table from evaluated runs")
+    table.add_argument("name", help="e.g. pspnet_table1")
+    table.add_argument("--scale")
+    table.add_argument("--dataset")
+    table.add_argument("--seeds", type=int, nargs="+")
+    table.add_argument("--out", type=Path, help="default: results/tables/NAME.md")
+
+    config = commands.add_parser("config", help="print a run's resolved configuration")
+    _run_arguments(config)
+
+    commands.add_parser("list", help="list papers, experiments and tables")
+    commands.add_parser("tracking-init", help="create the MLflow store and one experiment per paper")
+    return parser
+
+
+def _resolve(params: Params, args) -> dict:
+    scale = args.scale or params.workflow["scale"]
+    seed = args.seed if args.seed is not None else params.workflow["seeds"][0]
+    return params.resolve(args.paper, args.experiment, scale, args.dataset or params.workflow["dataset"], seed)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _run_paths(config: dict):
+    return (config["scale"], config["dataset"]["name"], config["paper"], config["experiment"], config["seed"])
+
+
+def cmd_prepare(params: Params, args) -> None:
+    from segrepro.data.prepare import prepare_dataset
+
+    out = args.out or paths.dataset_root(args.dataset)
+    prepare_dataset(args.dataset, params.dataset(args.dataset), out)
+    print(f"prepared {args.dataset} in {out}")
+
+
+def cmd_train(params: Params, args) -> None:
+    from segrepro.train import train
+
+    config = _resolve(params, args)
+    _set_threads(args.threads)
+    out = args.out or paths.model_path(*_run_paths(config))
+    summary = train(config, out, device=args.device, tables=params.tables_using(args.paper, args.experiment))
+    print(f"trained {args.paper}/{args.experiment} in {summary['train_seconds']:.0f} s -> {out}")
+
+
+def cmd_evaluate(params: Params, args) -> None:
+    from segrepro.evaluate import evaluate_run
+
+    config = _resolve(params, args)
+    _set_threads(args.threads)
+    run = _run_paths(config)
+    out = args.out or paths.metrics_path(*run, args.protocol)
+    metrics = evaluate_run(config, paths.model_path(*run), args.protocol, out, device=args.device)
+    print(f"{args.paper}/{args.experiment} [{args.protocol}] mIoU {metrics['miou']:.2f} "
+          f"pixel acc. {metrics['pixel_acc']:.2f} -> {out}")
+
+
+def cmd_table(params: Params, args) -> None:
+    from segrepro.tables import write_paper_table
+
+    scale = args.scale or params.workflow["scale"]
+    seeds = args.seeds or params.workflow["seeds"]
+    out = args.out or paths.table_path(args.name)
+    write_paper_table(params, args.name, scale, args.dataset or params.workflow["dataset"], seeds, out)
+    print(f"wrote {out}")
+
+
+def cmd_config(params: Params, args) -> None:
+    yaml.safe_dump(_resolve(params, args), sys.stdout, sort_keys=False)
+
+
+def cmd_list(params: Params, args) -> None:
+    for paper, registry in params.papers.items():
+        print(f"{paper}: {registry['title']}")
+        print(f"  experiments: {', '.join(registry['experiments'])}")
+        print(f"  tables: {', '.join(registry['tables'])}")
+
+
+def cmd_tracking_init(params: Params, args) -> None:
+    from segrepro import tracking
+
+    tracking.init_store(list(params.papers))
+
+
+COMMANDS = {
+    "prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "table": cmd_table,
+    "config": cmd_config, "list": cmd_list, "tracking-init": cmd_tracking_init,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        params = load_params()
+        COMMANDS[args.command](params, args)
+    except SegreproError as err:
+        print(f"segrepro: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("segrepro: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

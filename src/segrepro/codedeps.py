@@ -1,0 +1,65 @@
+"""The source files each workflow stage runs, found by following the package's own imports.
+
+Snakemake reruns a job when its shell command or an input changes, but not when a Python module
+it imports changes. Declaring these files as inputs makes a code change rerun exactly the jobs
+whose stage imports the changed module.
+"""
+
+from __future__ import annotations
+
+import ast
+from functools import cache
+from pathlib import Path
+
+PACKAGE = "segrepro"
+STAGES = {
+    "prepare": "segrepro.data.prepare",
+    "train": "segrepro.train",
+    "evaluate": "segrepro.evaluate",
+    "table": "segrepro.tables",
+}
+
+
+def _module_file(source_root: Path, module: str) -> Path | None:
+    base = source_root.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_modules(path: Path, module: str) -> set[str]:
+    """Package modules imported anywhere in the file (functions too: lazy imports count)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1])
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module
+            found.add(target)
+            found.update(f"{target}.{alias.name}" for alias in node.names)
+    return {name for name in found if name == PACKAGE or name.startswith(PACKAGE + ".")}
+
+
+@cache
+def stage_sources(stage: str, source_root: str = "src") -> list[str]:
+    """Sorted paths (under `source_root`) of every package module the stage's entry module imports,
+    itself and the packages' __init__ files included."""
+    root = Path(source_root)
+    pending, seen = [STAGES[stage]], {}
+    while pending:
+        module = pending.pop()
+        path = _module_file(root, module)
+        if path is None or module in seen:
+            continue
+        seen[module] = path
+        parents = [".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)]
+        pending.extend(parents)
+        pending.extend(_imported_modules(path, module))
+    return sorted(str(path) for path in seen.values())

@@ -1,0 +1,222 @@
+"""Loading, validating and resolving the configuration under `params/`.
+
+`params/` holds everything a run depends on:
+  config.yaml          workflow settings (scale, seeds, dataset), overridable by `--config`
+  scales.yaml          the tiny / demo / paper profiles (dataset, training and test settings)
+  datasets.yaml        the datasets the pipeline can prepare
+  papers/<paper>.yaml  one registry per paper: model defaults, experiments, tables
+
+A *run* is (paper, experiment, scale, dataset, seed); `Params.resolve` turns it into the fully
+resolved configuration the trainer and evaluator read, and whose hash tells Snakemake when to rerun.
+This module imports no torch: the workflow loads it when it builds its DAG.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from segrepro.errors import SegreproError
+
+PARAMS_DIR = Path("params")
+SCHEMA_DIR = Path("workflow/schemas")
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        with open(path) as handle:
+            data = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise SegreproError(f"{path}: file not found") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SegreproError(f"{path}:{where} not valid YAML") from None
+    if not isinstance(data, dict):
+        raise SegreproError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def validate(instance: dict, schema: dict, where: str) -> None:
+    """Validate against a JSON schema; the first error becomes one line naming the key."""
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
+    if errors:
+        err = errors[0]
+        key = ".".join(str(part) for part in err.absolute_path) or "(top level)"
+        raise SegreproError(f"{where}: {key}: {err.message}")
+
+
+def deep_merge(base: dict, override: dict | None) -> dict:
+    """A copy of `base` with `override` merged in; nested mappings merge, everything else replaces."""
+    merged = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def fill_defaults(config: dict, schema: dict) -> dict:
+    filled = dict(config)
+    for key, prop in schema.get("properties", {}).items():
+        if key not in filled and "default" in prop:
+            filled[key] = copy.deepcopy(prop["default"])
+    return filled
+
+
+@dataclass
+class Params:
+    root: Path
+    workflow: dict          # params/config.yaml merged with command-line overrides
+    scales: dict
+    datasets: dict
+    papers: dict            # paper name -> its registry
+
+    # -- look-ups, each failing with one line that names what is unknown -------------------
+    def paper(self, name: str) -> dict:
+        if name not in self.papers:
+            raise SegreproError(f"unknown paper '{name}' (known: {', '.join(sorted(self.papers))})")
+        return self.papers[name]
+
+    def experiment(self, paper: str, experiment: str) -> dict:
+        experiments = self.paper(paper)["experiments"]
+        if experiment not in experiments:
+            raise SegreproError(
+                f"unknown experiment ID '{experiment}' of paper '{paper}' "
+                f"(known: {', '.join(experiments)})"
+            )
+        return experiments[experiment] or {}
+
+    def scale(self, name: str) -> dict:
+        if name not in self.scales:
+            raise SegreproError(f"unknown scale '{name}' (known: {', '.join(self.scales)})")
+        return self.scales[name]
+
+    def dataset(self, name: str) -> dict:
+        if name not in self.datasets:
+            raise SegreproError(
+                f"unknown dataset '{name}' (known: {', '.join(self.datasets)}; see params/datasets.yaml)"
+            )
+        return self.datasets[name]
+
+    def table(self, name: str) -> tuple[str, dict]:
+        """(paper, spec) of a table name such as 'pspnet_table1'."""
+        for paper, registry in self.papers.items():
+            if name in registry["tables"]:
+                return paper, registry["tables"][name]
+        known = [t for registry in self.papers.values() for t in registry["tables"]]
+        raise SegreproError(f"unknown table '{name}' (known: {', '.join(known)})")
+
+    def table_names(self) -> list[str]:
+        return [t for registry in self.papers.values() for t in registry["tables"]]
+
+    def tables_using(self, paper: str, experiment: str) -> list[str]:
+        return [
+            name
+            for name, spec in self.paper(paper)["tables"].items()
+            if any(row["experiment"] == experiment for row in spec["rows"])
+        ]
+
+    # -- resolution ----------------------------------------------------------------------
+    def dataset_name(self, paper: str, scale: str, override: str | None = None) -> str:
+        name = override or self.paper(paper).get("scales", {}).get(scale, {}).get("dataset")
+        name = name or self.scale(scale)["dataset"]
+        self.dataset(name)
+        return name
+
+    def resolve(self, paper: str, experiment: str, scale: str, dataset: str | None = None,
+                seed: int = 0) -> dict:
+        """The complete configuration of one run: what the trainer reads and MLflow records."""
+        registry = self.paper(paper)
+        overrides = self.experiment(paper, experiment)
+        scale_profile = self.scale(scale)
+        run = {"model": registry["model"], "train": scale_profile["train"], "eval": scale_profile["eval"]}
+        for layer in (registry.get("scales", {}).get(scale), overrides):
+            run = deep_merge(run, {k: v for k, v in (layer or {}).items() if k != "dataset"})
+        name = self.dataset_name(paper, scale, dataset or overrides.get("dataset"))
+        return {
+            "paper": paper,
+            "experiment": experiment,
+            "scale": scale,
+            "seed": int(seed),
+            "dataset": {"name": name, "root": str(Path("data") / name)},
+            **run,
+        }
+
+    def runs_for_table(self, name: str, scale: str, dataset: str | None, seeds: list[int]):
+        """Every (paper, experiment, protocol, seed) a table needs, rows in order."""
+        paper, spec = self.table(name)
+        protocols = self.scale(scale)["eval"]["protocols"]
+        for row in spec["rows"]:
+            self.experiment(paper, row["experiment"])
+            if row["protocol"] not in protocols:
+                raise SegreproError(
+                    f"table '{name}': protocol '{row['protocol']}' is not defined by scale '{scale}' "
+                    f"(params/scales.yaml eval.protocols: {', '.join(protocols)})"
+                )
+        return paper, spec
+
+
+def load_params(root: Path | str = ".", workflow: dict | None = None) -> Params:
+    """Read and validate params/. `workflow` replaces params/config.yaml (Snakemake passes its config)."""
+    root = Path(root)
+    params_dir = root / PARAMS_DIR
+    schemas = root / SCHEMA_DIR
+    workflow_schema = read_yaml(schemas / "config.schema.yaml")
+    params_schema = read_yaml(schemas / "params.schema.yaml")
+
+    if workflow is None:
+        workflow = read_yaml(params_dir / "config.yaml")
+    workflow = fill_defaults(workflow, workflow_schema)
+    validate(workflow, workflow_schema, "workflow config (params/config.yaml or --config)")
+
+    scales = read_yaml(params_dir / "scales.yaml")
+    for name, scale in scales.items():
+        validate(scale, params_schema["$defs"]["scale"] | {"$defs": params_schema["$defs"]},
+                 f"params/scales.yaml: {name}")
+    datasets = read_yaml(params_dir / "datasets.yaml")
+    for name, dataset in datasets.items():
+        validate(dataset, params_schema["$defs"]["dataset"] | {"$defs": params_schema["$defs"]},
+                 f"params/datasets.yaml: {name}")
+
+    papers = {}
+    for path in sorted((params_dir / "papers").glob("*.yaml")):
+        registry = read_yaml(path)
+        validate(registry, params_schema["$defs"]["paper"] | {"$defs": params_schema["$defs"]},
+                 f"params/papers/{path.name}")
+        papers[path.stem] = registry
+
+    params = Params(root=root, workflow=workflow, scales=scales, datasets=datasets, papers=papers)
+    params.scale(workflow["scale"])
+    if workflow.get("dataset"):
+        params.dataset(workflow["dataset"])
+    _check_cross_references(params)
+    return params
+
+
+def _check_cross_references(params: Params) -> None:
+    """What a schema cannot see: table rows naming experiments, claims naming rows, scale datasets."""
+    from segrepro.tables import check_table_spec
+
+    for name, scale in params.scales.items():
+        if scale["dataset"] not in params.datasets:
+            raise SegreproError(f"params/scales.yaml: {name}.dataset: unknown dataset '{scale['dataset']}'")
+    seen_tables: dict[str, str] = {}
+    for paper, registry in params.papers.items():
+        for table, spec in registry["tables"].items():
+            if table in seen_tables:
+                raise SegreproError(f"table '{table}' is declared by both {seen_tables[table]} and {paper}")
+            seen_tables[table] = paper
+            for row in spec["rows"]:
+                if row["experiment"] not in registry["experiments"]:
+                    raise SegreproError(
+                        f"params/papers/{paper}.yaml: tables.{table}: row '{row['label']}' names "
+                        f"unknown experiment ID '{row['experiment']}'"
+                    )
+            check_table_spec(table, spec)

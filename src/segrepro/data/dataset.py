@@ -1,0 +1,311 @@
+"""One reader for every dataset in the uniform layout, plus the papers' training augmentation.
+
+Layout (see segrepro.data.synthetic): <root>/dataset.yaml, images/<id><image_suffix>,
+labels/<id><label_suffix> (single-channel uint8, 255 = ignore), splits/<split>.txt.
+
+Training randomness comes only from the sampler: the training dataset is indexed by
+(index, sample_seed) pairs, so a run resumed at iteration k sees exactly the batches and
+augmentations of an uninterrupted run, whatever the number of loader workers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from segrepro.errors import SegreproError
+
+# ImageNet statistics on the 0-255 scale, as used by the papers' pretrained backbones.
+IMAGENET_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
+IMAGENET_STD = np.array([58.395, 57.12, 57.375], np.float32)
+
+CARD_NAME = "dataset.yaml"
+
+
+# ----------------------------------------------------------------------------- the card
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _yaml_problem(exc: Exception) -> str:
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"invalid YAML: {problem} (line {mark.line + 1})"
+    return _one_line(exc)
+
+
+def load_card(root) -> dict:
+    """Read and check <root>/dataset.yaml; any problem is a SegreproError naming the file."""
+    path = Path(root) / CARD_NAME
+    if not path.is_file():
+        raise SegreproError(f"{path}: dataset card not found (is the dataset prepared?)")
+    try:
+        card = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise SegreproError(f"{path}: cannot read dataset card: {_yaml_problem(exc)}") from None
+    if not isinstance(card, dict):
+        raise SegreproError(f"{path}: dataset card must be a mapping")
+
+    def bad(key, why):
+        return SegreproError(f"{path}: key '{key}' {why}")
+
+    for key in ("name", "num_classes", "ignore_index", "class_names", "image_suffix",
+                "label_suffix", "splits"):
+        if key not in card:
+            raise bad(key, "is missing")
+    num_classes = card["num_classes"]
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= 255:
+        raise bad("num_classes", f"must be an integer in 1..255, got {num_classes!r}")
+    ignore = card["ignore_index"]
+    if isinstance(ignore, bool) or not isinstance(ignore, int) or not 0 <= ignore <= 255:
+        raise bad("ignore_index", f"must be an integer in 0..255, got {ignore!r}")
+    if ignore < num_classes:
+        raise bad("ignore_index", f"({ignore}) collides with a class index (num_classes {num_classes})")
+    names = card["class_names"]
+    if not isinstance(names, list) or len(names) != num_classes:
+        raise bad("class_names", f"must be a list of num_classes ({num_classes}) names")
+    for key in ("image_suffix", "label_suffix"):
+        if not isinstance(card[key], str) or not card[key].startswith("."):
+            raise bad(key, f"must be a file suffix like '.png', got {card[key]!r}")
+    if not isinstance(card["splits"], dict):
+        raise bad("splits", "must be a mapping of split name to image count")
+    return card
+
+
+# ----------------------------------------------------------------------------- reading files
+
+def _read_image(path: Path) -> np.ndarray:
+    """RGB uint8 HxWx3; a file PIL cannot decode is reported as corrupt."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as exc:  # PIL raises many types for broken files; all mean "corrupt"
+        raise SegreproError(f"{path}: cannot read image: {_one_line(exc)}") from None
+
+
+def _read_label(path: Path) -> np.ndarray:
+    """Class indices as uint8 HxW from a mode "L" (or palette "P", indices) PNG."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            label = np.asarray(im) if mode in ("L", "P") else None
+    except Exception as exc:
+        raise SegreproError(f"{path}: cannot read label: {_one_line(exc)}") from None
+    if label is None:
+        raise SegreproError(f"{path}: label must be a single-channel 8-bit PNG (mode L), got mode {mode}")
+    return label
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+def _pair(size) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+class TrainAugment:
+    """Random scale, horizontal flip, brightness and crop, as in the papers' training.
+
+    Called with (image uint8 HxWx3 array or PIL image, label uint8 HxW, rng); returns
+    (image float32 HxWx3 on the 0-255 scale, label uint8 HxW) of size `crop_size`.
+    Where the scaled image is smaller than the crop, the image is padded with the ImageNet
+    mean colour (0 once normalised) and the label with `ignore_index`.
+    """
+
+    def __init__(self, crop_size, scale_range=(0.5, 2.0), flip: bool = True,
+                 brightness: float = 0.0, ignore_index: int = 255):
+        self.crop_h, self.crop_w = _pair(crop_size)
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.flip = bool(flip)
+        self.brightness = float(brightness)
+        self.ignore_index = int(ignore_index)
+
+    def __call__(self, image, label, rng: np.random.Generator):
+        image = np.asarray(image, dtype=np.uint8)
+        label = np.asarray(label, dtype=np.uint8)
+        # Draw every random number in a fixed order, whatever the options, so seeds mean the same.
+        scale = rng.uniform(*self.scale_range)
+        do_flip = rng.random() < 0.5
+        gain = rng.uniform(1.0 - self.brightness, 1.0 + self.brightness)
+
+        h, w = label.shape
+        new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+        if (new_w, new_h) != (w, h):
+            image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+            label = np.asarray(Image.fromarray(label).resize((new_w, new_h), Image.NEAREST))
+        if self.flip and do_flip:
+            image, label = image[:, ::-1], label[:, ::-1]
+        image = image.astype(np.float32)
+        if self.brightness > 0:
+            image = np.clip(image * gain, 0.0, 255.0)
+
+        # Pad evenly on both sides to at least the crop, then crop at a random offset.
+        pad_h, pad_w = max(0, self.crop_h - new_h), max(0, self.crop_w - new_w)
+        if pad_h or pad_w:
+            padded = np.empty((new_h + pad_h, new_w + pad_w, 3), np.float32)
+            padded[:] = IMAGENET_MEAN
+            padded_label = np.full((new_h + pad_h, new_w + pad_w), self.ignore_index, np.uint8)
+            top, left = pad_h // 2, pad_w // 2
+            padded[top:top + new_h, left:left + new_w] = image
+            padded_label[top:top + new_h, left:left + new_w] = label
+            image, label = padded, padded_label
+        y0 = int(rng.integers(0, image.shape[0] - self.crop_h + 1))
+        x0 = int(rng.integers(0, image.shape[1] - self.crop_w + 1))
+        image = image[y0:y0 + self.crop_h, x0:x0 + self.crop_w]
+        label = label[y0:y0 + self.crop_h, x0:x0 + self.crop_w]
+        return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+
+def normalize(image: np.ndarray) -> torch.Tensor:
+    """HxWx3 on the 0-255 scale -> float32 tensor 3xHxW with ImageNet mean/std."""
+    image = (np.asarray(image, np.float32) - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+# ----------------------------------------------------------------------------- the dataset
+
+class SegmentationDataset(Dataset):
+    """Image/label pairs of one split; items are (image 3xHxW float32, label HxW int64, id).
+
+    Without a transform, index with a plain int. With one (training), index with
+    (index, sample_seed): the transform's randomness comes from that seed alone.
+    """
+
+    def __init__(self, root, split: str, transform=None):
+        self.root = Path(root)
+        self.card = load_card(self.root)
+        self.split = split
+        self.transform = transform
+        self.num_classes = int(self.card["num_classes"])
+        self.ignore_index = int(self.card["ignore_index"])
+        self.class_names = list(self.card["class_names"])
+        self.split_file = self.root / "splits" / f"{split}.txt"
+        self.ids = self._read_split(self.split_file)
+        # Existence only (cheap); contents are checked when each pair is loaded.
+        for image_id in self.ids:
+            for path in (self.image_path(image_id), self.label_path(image_id)):
+                if not path.is_file():
+                    raise SegreproError(f"{path}: file listed in {self.split_file} is missing")
+
+    @staticmethod
+    def _read_split(path: Path) -> list[str]:
+        if not path.is_file():
+            raise SegreproError(f"{path}: split file not found")
+        try:
+            ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SegreproError(f"{path}: cannot read split file: {_one_line(exc)}") from None
+        if not ids:
+            raise SegreproError(f"{path}: split file lists no images")
+        return ids
+
+    def image_path(self, image_id: str) -> Path:
+        return self.root / "images" / f"{image_id}{self.card['image_suffix']}"
+
+    def label_path(self, image_id: str) -> Path:
+        return self.root / "labels" / f"{image_id}{self.card['label_suffix']}"
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The checked raw pair: image uint8 HxWx3, label uint8 HxW."""
+        image_id = self.ids[index]
+        image_path, label_path = self.image_path(image_id), self.label_path(image_id)
+        image = _read_image(image_path)
+        label = _read_label(label_path)
+        if image.shape[:2] != label.shape:
+            raise SegreproError(
+                f"{image_path} and {label_path}: size mismatch, image {image.shape[1]}x{image.shape[0]}"
+                f" vs label {label.shape[1]}x{label.shape[0]}")
+        if int(label.max()) >= self.num_classes:
+            values = np.unique(label)
+            bad = values[(values >= self.num_classes) & (values != self.ignore_index)]
+            if bad.size:
+                raise SegreproError(
+                    f"{label_path}: label value {int(bad[0])} is not a class"
+                    f" (num_classes {self.num_classes}, ignore_index {self.ignore_index})")
+        return image, label
+
+    def __getitem__(self, item):
+        if isinstance(item, tuple):
+            index, sample_seed = item
+        else:
+            index, sample_seed = item, None
+        index = int(index)
+        image, label = self.load_pair(index)
+        if self.transform is not None:
+            if sample_seed is None:
+                raise TypeError("a dataset with a transform is indexed by (index, sample_seed)")
+            image, label = self.transform(image, label, np.random.default_rng(sample_seed))
+        return normalize(image), torch.from_numpy(label.astype(np.int64)), self.ids[index]
+
+
+# ----------------------------------------------------------------------------- sampling
+
+class IterationBatchSampler:
+    """Batches of (index, sample_seed) for iterations start_iteration .. iterations - 1.
+
+    Epoch e visits a permutation seeded by (seed, e) in floor(n / batch_size) full batches
+    (drop_last); the sample seed of position j in iteration i is derived from (seed, i, j).
+    So iteration i's batch depends on (seed, i) only and resuming at k repeats a full run's
+    batches from k on.
+    """
+
+    def __init__(self, dataset_len: int, batch_size: int, seed: int, start_iteration: int = 0,
+                 *, iterations: int):
+        if batch_size < 1 or dataset_len < batch_size:
+            raise ValueError(f"need 1 <= batch_size ({batch_size}) <= dataset size ({dataset_len})")
+        if not 0 <= start_iteration <= iterations:
+            raise ValueError(f"need 0 <= start_iteration ({start_iteration}) <= iterations ({iterations})")
+        self.dataset_len = int(dataset_len)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.start_iteration = int(start_iteration)
+        self.iterations = int(iterations)
+        self.batches_per_epoch = self.dataset_len // self.batch_size
+
+    def __len__(self) -> int:
+        return self.iterations - self.start_iteration
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, 0, epoch]).permutation(self.dataset_len)
+
+    def _sample_seed(self, iteration: int, position: int) -> int:
+        state = np.random.SeedSequence([self.seed, 1, iteration, position]).generate_state(1, np.uint64)
+        return int(state[0])
+
+    def __iter__(self):
+        epoch, order = None, None
+        for iteration in range(self.start_iteration, self.iterations):
+            if iteration // self.batches_per_epoch != epoch:
+                epoch = iteration // self.batches_per_epoch
+                order = self._permutation(epoch)
+            start = (iteration % self.batches_per_epoch) * self.batch_size
+            indices = order[start:start + self.batch_size]
+            yield [(int(index), self._sample_seed(iteration, position))
+                   for position, index in enumerate(indices)]
+
+
+def make_train_loader(root, split: str, batch_size: int, crop_size, scale_range, flip: bool,
+                      brightness: float, seed: int, start_iteration: int, iterations: int,
+                      num_workers: int = 0) -> DataLoader:
+    """DataLoader over augmented batches for iterations start_iteration .. iterations - 1."""
+    dataset = SegmentationDataset(root, split)
+    dataset.transform = TrainAugment(crop_size, scale_range, flip, brightness, dataset.ignore_index)
+    if len(dataset) < batch_size:
+        raise SegreproError(
+            f"{dataset.split_file}: {len(dataset)} images, fewer than the batch size {batch_size}")
+    sampler = IterationBatchSampler(len(dataset), batch_size, seed, start_iteration,
+                                    iterations=iterations)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                      persistent_workers=num_workers > 0)

@@ -1,0 +1,77 @@
+"""The one evaluator: a trained model, a test protocol (scales, flip) -> a metrics JSON file,
+logged into the model's MLflow run."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from segrepro import atomic, inference, tracking
+from segrepro.data import SegmentationDataset
+from segrepro.errors import SegreproError
+from segrepro.provenance import git_commit
+from segrepro.train import load_model, pick_device
+
+
+def evaluate_run(config: dict, model_path: Path, protocol: str, output: Path,
+                 device: str | None = None, split: str = "val") -> dict:
+    """Evaluate the model at `model_path` on the dataset's `split` with `protocol` (a key of the
+    run's eval.protocols) and write the metrics JSON to `output`. Returns the metrics."""
+    settings = config["eval"]
+    if protocol not in settings["protocols"]:
+        raise SegreproError(
+            f"unknown test protocol '{protocol}' (scale '{config['scale']}' defines: "
+            f"{', '.join(settings['protocols'])})"
+        )
+    dev = pick_device(device)
+    model, record = load_model(model_path, device=str(dev))
+    dataset = SegmentationDataset(config["dataset"]["root"], split)
+    if dataset.num_classes != record["num_classes"]:
+        raise SegreproError(
+            f"{model_path}: trained for {record['num_classes']} classes, dataset "
+            f"{config['dataset']['name']} has {dataset.num_classes}"
+        )
+    began = time.time()
+    matrix = inference.evaluate(
+        model.predict, dataset, settings["protocols"][protocol], dev, dataset.num_classes,
+        ignore_index=dataset.ignore_index, crop_size=settings["crop_size"],
+        base_size=settings.get("base_size"),
+    )
+    seconds = time.time() - began
+    summary = matrix.summary(dataset.class_names)
+    metrics = {
+        "paper": config["paper"], "experiment": config["experiment"], "scale": config["scale"],
+        "dataset": config["dataset"]["name"], "seed": config["seed"], "split": split,
+        "protocol": protocol, "protocol_settings": settings["protocols"][protocol],
+        **summary,
+        "num_images": len(dataset),
+        "confusion_matrix": matrix.matrix.tolist(),
+        "train": record["summary"],
+        "eval_seconds": seconds,
+        "eval_device": str(dev),
+        "git_commit": git_commit(),
+        "backbone": describe_backbone(config["model"]["backbone"]),
+        "iterations": config["train"]["iterations"],
+    }
+    if dev.type == "cuda":
+        metrics["eval_peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    atomic.write_text(output, json.dumps(metrics, indent=1) + "\n")
+
+    with tracking.Run(Path(model_path).parent, config) as mlrun:
+        mlrun.log_metrics({f"{protocol}_{key}": metrics[key] for key in ("miou", "pixel_acc", "mean_acc")
+                           if metrics[key] is not None})
+        mlrun.log_artifact(Path(output))
+        per_class = Path(output).with_suffix(".per_class_iou.csv")
+        atomic.write_text(per_class, "class,iou\n" + "".join(
+            f"{name},{'' if iou is None else f'{iou:.4f}'}\n" for name, iou in summary["per_class_iou"].items()))
+        mlrun.log_artifact(per_class)
+    return metrics
+
+
+def describe_backbone(backbone: dict) -> str:
+    """The timm name, plus the overrides that make a scaled-down or custom variant of it."""
+    extra = ", ".join(f"{k}={v}" for k, v in (backbone.get("kwargs") or {}).items())
+    return f"{backbone['name']}({extra})" if extra else backbone["name"]

@@ -1,0 +1,62 @@
+"""timm backbones as feature extractors.
+
+A `Backbone` returns the feature maps of the chosen stages; its `feature_info` says, for each,
+the channels and the reduction (stride) relative to the input, as timm's does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch.nn as nn
+
+from segrepro.errors import SegreproError
+
+
+def _create(name: str, pretrained: bool | str, **kwargs) -> nn.Module:
+    if isinstance(pretrained, str):
+        path = Path(pretrained)
+        if not path.is_file():
+            raise SegreproError(f"backbone weights file not found: {path}")
+        # timm loads a local file through its pretrained config, with the usual key remapping.
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if "layers" in kwargs or "channels" in kwargs:
+        raise SegreproError(
+            f"backbone '{name}' with custom layers/channels has no pretrained weights: "
+            "set model.backbone.pretrained to false or to a weights file"
+        )
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as err:  # offline, hub unreachable, unknown tag: all end the same way for the user
+        raise SegreproError(
+            f"pretrained weights for backbone '{name}' could not be loaded ({type(err).__name__}); "
+            "offline, put them in the Hugging Face cache (HF_HOME) or set model.backbone.pretrained "
+            "to a local weights file"
+        ) from None
+
+
+class Backbone(nn.Module):
+    def __init__(self, name: str, out_indices: tuple[int, ...], output_stride: int = 32,
+                 pretrained: bool | str = False, kwargs: dict | None = None):
+        super().__init__()
+        if not timm.is_model(name):
+            raise SegreproError(f"unknown timm backbone '{name}'")
+        self.body = _create(
+            name,
+            pretrained,
+            features_only=True,
+            out_indices=tuple(out_indices),
+            output_stride=output_stride,
+            **(kwargs or {}),
+        )
+        self.feature_info = self.body.feature_info
+
+    @property
+    def channels(self) -> list[int]:
+        return self.feature_info.channels()
+
+    def forward(self, x):
+        return self.body(x)

@@ -1,0 +1,28 @@
+"""Where every stage reads and writes, relative to the project root. One place, so the workflow,
+the CLI and the table writer agree on file names."""
+
+from pathlib import Path
+
+DATA = Path("data")
+RESULTS = Path("results")
+
+
+def dataset_root(dataset: str) -> Path:
+    return DATA / dataset
+
+
+def run_dir(scale: str, dataset: str, paper: str, experiment: str, seed: int) -> Path:
+    """A training run's folder: the final model, its resumable checkpoint, its log and MLflow run id."""
+    return RESULTS / "runs" / scale / dataset / paper / experiment / f"seed{seed}"
+
+
+def model_path(scale, dataset, paper, experiment, seed) -> Path:
+    return run_dir(scale, dataset, paper, experiment, seed) / "model.pt"
+
+
+def metrics_path(scale, dataset, paper, experiment, seed, protocol) -> Path:
+    return RESULTS / "metrics" / scale / dataset / paper / experiment / f"seed{seed}" / f"{protocol}.json"
+
+
+def table_path(table: str) -> Path:
+    return RESULTS / "tables" / f"{table}.md"

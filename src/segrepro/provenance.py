@@ -1,0 +1,33 @@
+"""Where a result came from: the configuration it was made with and the git commit of the code."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from functools import cache
+
+
+@cache
+def git_commit(root: str = ".") -> str:
+    """Short commit hash, with '+dirty' when tracked files differ from it; 'unknown' outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", root, *args], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=10", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "src", "params", "workflow")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def training_config(config: dict) -> dict:
+    """The part of a run's configuration the trained model depends on (not its test protocols)."""
+    return {key: value for key, value in config.items() if key != "eval"}

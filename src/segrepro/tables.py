@@ -1,0 +1,366 @@
+"""Paper tables: our numbers beside the paper's, plus a verdict for each of the paper's claims.
+
+A table spec comes from the `tables:` section of a paper's YAML (see params/papers/pspnet.yaml).
+A row is one (experiment, test protocol) pair; a claim refers to rows by `experiment` or
+`experiment@protocol`, a bare experiment meaning protocol `ss`.
+
+Kept free of torch on purpose: the workflow imports this module while it builds its DAG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from segrepro.atomic import write_text
+from segrepro.errors import SegreproError
+
+DEFAULT_PROTOCOL = "ss"
+DEFAULT_CLAIM_METRIC = "miou"
+METRIC_NAMES = {"miou": "mIoU (%)", "pixel_acc": "Pixel Acc. (%)"}
+MISSING = "–"  # en dash, for a number the paper does not give
+MINUS = "−"  # the real minus sign, so that "−0.45" lines up with "+1.23"
+HEADER_KEYS = ("dataset", "scale", "backbone", "iterations", "seeds")
+
+
+def row_key(experiment: str, protocol: str) -> str:
+    """The key of one table row in the `results` mapping: "exp@protocol"."""
+    return f"{experiment}@{protocol}"
+
+
+def parse_ref(ref: str) -> tuple[str, str]:
+    """Split a claim's ref into (experiment, protocol); a bare experiment means protocol `ss`."""
+    experiment, sep, protocol = str(ref).partition("@")
+    if not sep:
+        protocol = DEFAULT_PROTOCOL
+    if not experiment or not protocol or "@" in protocol:
+        raise SegreproError(f"malformed row reference {ref!r} (expected 'experiment' or 'experiment@protocol')")
+    return experiment, protocol
+
+
+def metric_name(metric: str) -> str:
+    """The display name of a metric; an unknown metric shows under its own key."""
+    return METRIC_NAMES.get(metric, metric)
+
+
+def table_row_keys(spec: dict) -> list[str]:
+    """The row keys of a table, in row order (what the workflow must compute for it)."""
+    return [row_key(row["experiment"], row.get("protocol", DEFAULT_PROTOCOL)) for row in spec["rows"]]
+
+
+def check_table_spec(name: str, spec: dict) -> None:
+    """Validate one table spec eagerly, so a typo fails at DAG-build time and not after training."""
+    where = f"table {name!r}"
+    if not isinstance(spec, dict):
+        raise SegreproError(f"{where}: the spec must be a mapping, got {type(spec).__name__}")
+    if not isinstance(spec.get("title"), str) or not spec["title"]:
+        raise SegreproError(f"{where}: missing 'title'")
+    metrics = spec.get("metrics")
+    if not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) for m in metrics):
+        raise SegreproError(f"{where}: 'metrics' must be a non-empty list of metric names")
+    if len(set(metrics)) != len(metrics):
+        raise SegreproError(f"{where}: 'metrics' lists a metric twice: {metrics}")
+
+    rows = spec.get("rows")
+    if not isinstance(rows, list) or not rows:
+        raise SegreproError(f"{where}: 'rows' must be a non-empty list")
+    keys = set()
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise SegreproError(f"{where}: row {i + 1} must be a mapping")
+        for field in ("label", "experiment"):
+            if not isinstance(row.get(field), str) or not row[field]:
+                raise SegreproError(f"{where}: row {i + 1} has no '{field}'")
+        protocol = row.get("protocol", DEFAULT_PROTOCOL)
+        if not isinstance(protocol, str) or not protocol or "@" in protocol or "@" in row["experiment"]:
+            raise SegreproError(f"{where}: row {row['label']!r} has a bad experiment or protocol")
+        key = row_key(row["experiment"], protocol)
+        if key in keys:
+            # A claim's ref must point at exactly one row.
+            raise SegreproError(f"{where}: row {key!r} appears twice")
+        keys.add(key)
+        paper = row.get("paper", {}) or {}
+        if not isinstance(paper, dict):
+            raise SegreproError(f"{where}: row {row['label']!r}: 'paper' must be a mapping of metric to number")
+        for metric, value in paper.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise SegreproError(f"{where}: row {row['label']!r}: paper {metric} is not a number: {value!r}")
+
+    claims = spec.get("claims", []) or []
+    if not isinstance(claims, list):
+        raise SegreproError(f"{where}: 'claims' must be a list")
+    for i, claim in enumerate(claims):
+        if not isinstance(claim, dict) or not isinstance(claim.get("claim"), str):
+            raise SegreproError(f"{where}: claim {i + 1} needs a 'claim' text")
+        text = claim["claim"]
+        metric = claim.get("metric", DEFAULT_CLAIM_METRIC)
+        if metric not in metrics:
+            raise SegreproError(f"{where}: claim {text!r} uses metric {metric!r}, not among the table's metrics {metrics}")
+        if "best" in claim:
+            if "better" in claim or "than" in claim:
+                raise SegreproError(f"{where}: claim {text!r} mixes 'best' with 'better'/'than'")
+            if len(rows) < 2:
+                raise SegreproError(f"{where}: claim {text!r} needs at least two rows to pick a best one")
+            refs = [claim["best"]]
+        else:
+            better, than = claim.get("better"), claim.get("than")
+            if not isinstance(better, list) or not isinstance(than, list) or not better:
+                raise SegreproError(f"{where}: claim {text!r} needs either 'best' or non-empty 'better' and 'than' lists")
+            if len(better) != len(than):
+                raise SegreproError(
+                    f"{where}: claim {text!r} has {len(better)} 'better' refs but {len(than)} 'than' refs"
+                )
+            refs = better + than
+        for ref in refs:
+            try:
+                key = row_key(*parse_ref(ref))
+            except SegreproError as err:
+                raise SegreproError(f"{where}: claim {text!r}: {err}") from None
+            if key not in keys:
+                raise SegreproError(f"{where}: claim {text!r} refers to {ref!r}, which is not a row of the table")
+
+
+def _fmt(value: float) -> str:
+    return MISSING if value is None or math.isnan(value) else f"{value:.2f}"
+
+
+def _fmt_delta(value: float) -> str:
+    if value is None or math.isnan(value):
+        return MISSING
+    text = f"{abs(value):.2f}"
+    if text == "0.00":
+        return text  # no sign on a difference that rounds to nothing
+    return ("+" if value > 0 else MINUS) + text
+
+
+def _fmt_header_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def _short_ref(experiment: str, protocol: str) -> str:
+    # Claims name rows the way the YAML does: the protocol only when it is not the default.
+    return experiment if protocol == DEFAULT_PROTOCOL else row_key(experiment, protocol)
+
+
+def _seed_stats(name: str, key: str, runs: list[dict], metrics: list[str]) -> dict[str, tuple[float, float, int]]:
+    """(mean, sample std, n) per metric over the seeds of one row; std is NaN with a single seed."""
+    stats = {}
+    for metric in metrics:
+        values = []
+        for run in runs:
+            if metric not in run:
+                raise SegreproError(f"table {name!r}: row {key!r}: a result (seed {run.get('seed', '?')}) has no {metric!r}")
+            value = run[metric]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                # A NaN or a string here means a broken run; better to stop than to print "nan".
+                raise SegreproError(f"table {name!r}: row {key!r}: {metric} is not a finite number: {value!r}")
+            values.append(float(value))
+        arr = np.asarray(values, dtype=float)
+        std = float(arr.std(ddof=1)) if len(arr) > 1 else float("nan")
+        stats[metric] = (float(arr.mean()), std, len(arr))
+    return stats
+
+
+def _within_spread(a: tuple[float, float, int], b: tuple[float, float, int]) -> bool:
+    """True when the gap between two means is smaller than the larger of their seed std's."""
+    spreads = [s for s in (a[1], b[1]) if not math.isnan(s)]
+    return bool(spreads) and abs(a[0] - b[0]) < max(spreads)
+
+
+def _paper_note(holds: bool | None) -> str:
+    if holds is None:
+        return "paper's numbers: incomplete"
+    return "paper's numbers agree" if holds else "paper's numbers disagree"
+
+
+def _judge_claim(claim: dict, stats: dict, paper: dict, order: list[str]) -> str:
+    """One Markdown line: the verdict on a claim, our evidence, and what the paper's numbers say."""
+    metric = claim.get("metric", DEFAULT_CLAIM_METRIC)
+    ours = {key: stats[key][metric] for key in order}
+    theirs = {key: paper[key].get(metric) for key in order}
+
+    if "best" in claim:
+        best = row_key(*parse_ref(claim["best"]))
+        others = [key for key in order if key != best]
+        # The strongest competitor; on a tie the earlier row, so the output is deterministic.
+        rival = max(others, key=lambda k: ours[k][0])
+        holds = ours[best][0] > ours[rival][0]
+        evidence = (
+            f"{_short_ref(*parse_ref(claim['best']))} {_fmt(ours[best][0])} vs "
+            f"{'next best' if holds else 'best'} {_short_ref(*rival.split('@'))} {_fmt(ours[rival][0])}"
+        )
+        spread = _within_spread(ours[best], ours[rival])
+        if any(theirs[k] is None for k in order):
+            paper_holds = None
+        else:
+            paper_holds = all(theirs[best] > theirs[k] for k in others)
+    else:
+        pairs = [(row_key(*parse_ref(b)), row_key(*parse_ref(t))) for b, t in zip(claim["better"], claim["than"])]
+        parts, holds, spread = [], True, False
+        for b, t in pairs:
+            ok = ours[b][0] > ours[t][0]
+            holds = holds and ok
+            spread = spread or _within_spread(ours[b], ours[t])
+            parts.append(
+                f"{_short_ref(*b.split('@'))} {_fmt(ours[b][0])} {'>' if ok else '≤'} "
+                f"{_short_ref(*t.split('@'))} {_fmt(ours[t][0])}"
+            )
+        evidence = "; ".join(parts)
+        if any(theirs[k] is None for pair in pairs for k in pair):
+            paper_holds = None
+        else:
+            paper_holds = all(theirs[b] > theirs[t] for b, t in pairs)
+
+    if metric != DEFAULT_CLAIM_METRIC:
+        evidence = f"{metric_name(metric)}: {evidence}"
+    verdict = "✅ reproduced" if holds else "❌ not reproduced"
+    mark = " (within seed spread)" if spread else ""
+    return f"- {verdict}: {claim['claim']}{mark} — {evidence} ({_paper_note(paper_holds)})"
+
+
+def _cell(text: str) -> str:
+    # A '|' inside a label would split the Markdown cell.
+    return str(text).replace("|", "\\|")
+
+
+def build_table(name: str, spec: dict, results: dict[str, list[dict]], header: dict) -> tuple[str, pd.DataFrame]:
+    """Render one paper table as Markdown and as a DataFrame (the CSV beside the .md).
+
+    `results` maps row_key(experiment, protocol) to one metric dict per seed (numbers in percent).
+    Raises SegreproError on a bad spec, a missing row or metric, or a header without a required key.
+    """
+    check_table_spec(name, spec)
+    metrics = spec["metrics"]
+    rows = spec["rows"]
+    order = table_row_keys(spec)
+
+    missing_header = [k for k in HEADER_KEYS if k not in header]
+    if "commits" not in header and "commit" not in header:
+        missing_header.append("commits")
+    if missing_header:
+        raise SegreproError(f"table {name!r}: header lacks {', '.join(missing_header)}")
+
+    stats, paper = {}, {}
+    for row, key in zip(rows, order):
+        runs = results.get(key)
+        if not runs:
+            # Never write a table with holes: a missing row means an upstream step is missing.
+            raise SegreproError(f"table {name!r}: no results for row {row['label']!r} ({key})")
+        stats[key] = _seed_stats(name, key, runs, metrics)
+        paper[key] = {m: (None if v is None else float(v)) for m, v in (row.get("paper") or {}).items()}
+
+    records, lines = [], []
+    for row, key in zip(rows, order):
+        record = {"label": row["label"], "experiment": row["experiment"], "protocol": key.split("@")[1]}
+        cells = [_cell(row["label"])]
+        for metric in metrics:
+            mean, std, n = stats[key][metric]
+            ref = paper[key].get(metric)
+            delta = float("nan") if ref is None else mean - ref
+            record.update({
+                f"{metric}_paper": float("nan") if ref is None else ref,
+                f"{metric}_ours_mean": mean,
+                f"{metric}_ours_std": std,
+                f"{metric}_n_seeds": n,
+                f"{metric}_delta": delta,
+            })
+            ours = _fmt(mean) if n == 1 else f"{_fmt(mean)} ± {_fmt(std)}"
+            cells += [_fmt(ref), ours, _fmt_delta(delta)]
+        records.append(record)
+        lines.append("| " + " | ".join(cells) + " |")
+
+    columns = ["Method"]
+    for metric in metrics:
+        display = metric_name(metric)
+        columns += [f"{display} paper", f"{display} ours", f"{display} Δ"]
+    table = ["| " + " | ".join(columns) + " |", "|" + "|".join(["---"] + [":---:"] * (len(columns) - 1)) + "|"]
+
+    commits = header.get("commits", header.get("commit"))
+    text = [
+        f"# {name}: {spec['title']}",
+        "",
+        f"- Dataset: {_fmt_header_value(header['dataset'])}",
+        f"- Scale: {_fmt_header_value(header['scale'])}",
+        f"- Backbone: {_fmt_header_value(header['backbone'])}",
+        f"- Iterations: {_fmt_header_value(header['iterations'])}",
+        f"- Seeds: {_fmt_header_value(header['seeds'])}",
+        f"- Commit: {_fmt_header_value(commits)}",
+    ]
+    if header.get("note"):
+        text += ["", str(header["note"])]
+    text += ["", *table, *lines]
+    claims = spec.get("claims") or []
+    if claims:
+        text += ["", "## Claims", ""]
+        text += [_judge_claim(claim, stats, paper, order) for claim in claims]
+    markdown = "\n".join(text) + "\n"
+
+    frame = pd.DataFrame.from_records(records)
+    return markdown, frame
+
+
+def write_table(path_md: Path, text: str, frame: pd.DataFrame) -> None:
+    """Write the Markdown table and its CSV (same name, .csv) atomically.
+
+    The CSV goes first and the .md last: the workflow treats the .md as the target, so its
+    presence implies the CSV is complete.
+    """
+    path_md = Path(path_md)
+    write_text(path_md.with_suffix(".csv"), frame.to_csv(index=False, lineterminator="\n"))
+    write_text(path_md, text)
+
+
+def load_metrics(path) -> dict:
+    """Read one metrics JSON file (one run, one seed); the error names the file."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        raise SegreproError(f"metrics file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SegreproError(f"metrics file {path} is unreadable or not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise SegreproError(f"metrics file {path} does not hold a JSON object")
+    return data
+
+
+def write_paper_table(params, name: str, scale: str, dataset: str | None, seeds: list[int], out: Path) -> None:
+    """Collect the metrics files of every (row, seed) of a declared table and write it."""
+    from segrepro import paths
+
+    paper, spec = params.runs_for_table(name, scale, dataset, seeds)
+    dataset_name = params.dataset_name(paper, scale, dataset)
+    results = {}
+    for row in spec["rows"]:
+        key = row_key(row["experiment"], row["protocol"])
+        results[key] = [
+            load_metrics(paths.metrics_path(scale, dataset_name, paper, row["experiment"], seed, row["protocol"]))
+            for seed in seeds
+        ]
+    runs = [run for per_seed in results.values() for run in per_seed]
+
+    def distinct(values) -> list:
+        return list(dict.fromkeys(values))
+
+    registry = params.paper(paper)
+    header = {
+        "dataset": dataset_name,
+        "scale": scale,
+        "backbone": distinct(run["backbone"] for run in runs),
+        "iterations": distinct(run["iterations"] for run in runs),
+        "seeds": list(seeds),
+        "commits": distinct(run["train"]["git_commit"] for run in runs),
+        "note": f"Paper: {registry['reported_protocol']}. Ours: {dataset_name} at scale '{scale}'"
+        + ("." if scale == "paper" else "; Δ compares different data and model sizes, the claims compare"
+           " our rows with each other."),
+    }
+    text, frame = build_table(name, spec, results, header)
+    write_table(out, text, frame)

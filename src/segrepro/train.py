@@ -1,0 +1,189 @@
+"""The one trainer every paper's experiments go through.
+
+SGD with momentum, poly learning-rate decay, iteration-based; bf16 autocast on CUDA. Everything
+random is a function of (seed, iteration), so a job killed after a checkpoint and started again
+resumes from it and ends with exactly the model an unbroken run gives (on the CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from segrepro import atomic, tracking
+from segrepro.data import load_card, make_train_loader
+from segrepro.errors import SegreproError
+from segrepro.models import build_model
+from segrepro.provenance import config_hash, git_commit, training_config
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "train_log.jsonl"
+
+
+def poly_lr(base_lr: float, iteration: int, iterations: int, power: float) -> float:
+    return base_lr * (1 - iteration / iterations) ** power
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _iteration_seed(seed: int, iteration: int) -> int:
+    # Dropout and any other in-model randomness restart from the same state after a resume.
+    return (seed * 1_000_003 + iteration) % (2**63)
+
+
+def _load_checkpoint(path: Path, expected_hash: str):
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        print(f"checkpoint {path} is unreadable; starting from iteration 0", file=sys.stderr)
+        return None
+    if state.get("config_hash") != expected_hash:
+        print(f"checkpoint {path} belongs to another configuration; starting from iteration 0",
+              file=sys.stderr)
+        return None
+    return state
+
+
+def _save(obj, path: Path) -> None:
+    atomic.write_with(path, lambda tmp: torch.save(obj, tmp))
+
+
+def train(config: dict, output: Path, device: str | None = None, tables: list[str] = ()) -> dict:
+    """Train one run and write its final model to `output` (a file in the run's folder, beside
+    the resumable checkpoint, the JSON-lines log and the MLflow run id). Returns a summary."""
+    output = Path(output)
+    run_dir = output.parent
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings = config["train"]
+    iterations = settings["iterations"]
+    dev = pick_device(device)
+    digest = config_hash(training_config(config))
+
+    card = load_card(config["dataset"]["root"])
+    torch.manual_seed(config["seed"])
+    model = build_model(config["model"], card["num_classes"], card["ignore_index"]).to(dev)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=settings["lr"], momentum=settings["momentum"],
+        weight_decay=settings["weight_decay"],
+    )
+
+    start = 0
+    state = _load_checkpoint(run_dir / CHECKPOINT, digest)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["iteration"]
+        print(f"resuming {config['paper']}/{config['experiment']} from iteration {start} "
+              f"(checkpoint {run_dir / CHECKPOINT})", file=sys.stderr)
+    else:
+        # A fresh start gets a fresh MLflow run and log, not the leftovers of another configuration.
+        (run_dir / tracking.RUN_ID_FILE).unlink(missing_ok=True)
+        (run_dir / LOG).unlink(missing_ok=True)
+    _truncate_log(run_dir / LOG, start)
+
+    loader = make_train_loader(
+        config["dataset"]["root"], "train", batch_size=settings["batch_size"],
+        crop_size=settings["crop_size"], scale_range=tuple(settings["scale_range"]),
+        flip=settings["flip"], brightness=settings["brightness"], seed=config["seed"],
+        start_iteration=start, iterations=iterations, num_workers=settings["num_workers"],
+    )
+    tags = {
+        "paper": config["paper"], "experiment": config["experiment"], "scale": config["scale"],
+        "dataset": config["dataset"]["name"], "seed": str(config["seed"]),
+        "backbone": config["model"]["backbone"]["name"], "git_commit": git_commit(),
+        "config_hash": digest, "tables": ",".join(tables), "device": str(dev),
+    }
+    began = time.time()
+    with tracking.Run(run_dir, config, tags) as mlrun:
+        model.train()
+        progress = tqdm(total=iterations, initial=start, desc=f"{config['paper']}/{config['experiment']}",
+                        file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 15.0, unit="it")
+        window: list[float] = []
+        iteration = start
+        for images, labels, _ids in loader:
+            lr = poly_lr(settings["lr"], iteration, iterations, settings["poly_power"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed(_iteration_seed(config["seed"], iteration))
+            images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                outputs = model(images)
+            loss, parts = model.loss(outputs, labels)
+            if not math.isfinite(loss.item()):
+                raise SegreproError(
+                    f"{config['paper']}/{config['experiment']}: loss is {loss.item()} at iteration "
+                    f"{iteration}; lower train.lr in params"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            iteration += 1
+            window.append(loss.item())
+            progress.update(1)
+            if iteration % settings["log_every"] == 0 or iteration == iterations:
+                record = {"iteration": iteration, "loss": sum(window) / len(window), "lr": lr,
+                          **{f"loss_{k}": v.item() for k, v in parts.items()}}
+                window.clear()
+                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
+                with open(run_dir / LOG, "a") as log:
+                    log.write(json.dumps(record) + "\n")
+                mlrun.log_metrics({k: v for k, v in record.items() if k != "iteration"}, step=iteration)
+            if iteration % settings["checkpoint_every"] == 0 and iteration < iterations:
+                _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "iteration": iteration, "config_hash": digest}, run_dir / CHECKPOINT)
+        progress.close()
+
+        seconds = time.time() - began
+        summary = {"iterations": iterations, "resumed_from": start, "train_seconds": seconds,
+                   "device": str(dev), "git_commit": git_commit()}
+        if dev.type == "cuda":
+            summary["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        mlrun.log_metrics({"train_seconds": seconds})
+        _save({"model": model.state_dict(), "config": config, "config_hash": digest,
+               "num_classes": card["num_classes"], "ignore_index": card["ignore_index"],
+               "class_names": card["class_names"], "summary": summary}, output)
+    # The final model supersedes the checkpoint; keeping both would double the disk use.
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    return summary
+
+
+def _truncate_log(path: Path, iteration: int) -> None:
+    """Drop log lines written after the checkpoint a resumed run starts from."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line and json.loads(line)["iteration"] <= iteration]
+    atomic.write_text(path, "".join(line + "\n" for line in kept))
+
+
+def load_model(path: Path, device: str | None = None):
+    """The trained model in eval mode, and the record saved with it."""
+    path = Path(path)
+    if not path.exists():
+        raise SegreproError(f"{path}: trained model not found")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise SegreproError(f"{path}: not a readable model file ({type(err).__name__})") from None
+    model = build_model(_without_pretrained(record["config"]["model"]), record["num_classes"],
+                        record["ignore_index"])
+    model.load_state_dict(record["model"])
+    return model.to(pick_device(device)).eval(), record
+
+
+def _without_pretrained(model_config: dict) -> dict:
+    # The trained weights replace the initial ones: no need to fetch ImageNet weights again.
+    backbone = dict(model_config["backbone"], pretrained=False)
+    return dict(model_config, backbone=backbone)

@@ -1,0 +1,224 @@
+"""The dataset reader, its input checks, the training augmentation and the resumable sampler."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from segrepro.data import (
+    IMAGENET_MEAN, IMAGENET_STD, IterationBatchSampler, SegmentationDataset, TrainAugment,
+    generate_dataset, load_card, make_train_loader,
+)
+from segrepro.errors import SegreproError
+
+
+def write_dataset(root: Path, pairs: dict, num_classes: int = 12, split: str = "train") -> Path:
+    """A hand-made dataset: pairs maps id -> (image uint8 HxWx3, label uint8 HxW)."""
+    for sub in ("images", "labels", "splits"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for image_id, (image, label) in pairs.items():
+        Image.fromarray(image).save(root / "images" / f"{image_id}.png")
+        Image.fromarray(label).save(root / "labels" / f"{image_id}.png")
+    (root / "splits" / f"{split}.txt").write_text("".join(f"{i}\n" for i in pairs))
+    card = {"name": "hand", "num_classes": num_classes, "ignore_index": 255,
+            "class_names": [f"c{i}" for i in range(num_classes)], "image_suffix": ".png",
+            "label_suffix": ".png", "splits": {split: len(pairs)}, "source": "test"}
+    (root / "dataset.yaml").write_text(yaml.safe_dump(card))
+    return root
+
+
+def ramp_pair(h=4, w=6):
+    image = np.arange(h * w * 3, dtype=np.uint8).reshape(h, w, 3)
+    label = (np.arange(h * w, dtype=np.uint8) % 12).reshape(h, w)
+    label[0, 0] = 255
+    return image, label
+
+
+# ----------------------------------------------------------------------------- reading
+
+def test_exact_tensors(tmp_path):
+    image, label = ramp_pair()
+    root = write_dataset(tmp_path / "ds", {"a": (image, label)})
+    ds = SegmentationDataset(root, "train")
+    assert len(ds) == 1 and ds.ids == ["a"]
+    assert ds.num_classes == 12 and ds.ignore_index == 255 and ds.class_names[3] == "c3"
+    assert ds.card["name"] == "hand"
+    x, y, image_id = ds[0]
+    expected = (image.astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD
+    assert x.dtype == torch.float32 and x.shape == (3, 4, 6)
+    assert torch.equal(x, torch.from_numpy(expected.transpose(2, 0, 1).copy()))
+    assert y.dtype == torch.int64 and torch.equal(y, torch.from_numpy(label.astype(np.int64)))
+    assert image_id == "a"
+
+
+def test_load_card_errors(tmp_path):
+    with pytest.raises(SegreproError, match="dataset.yaml"):
+        load_card(tmp_path)
+    (tmp_path / "dataset.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(SegreproError, match="dataset.yaml") as err:
+        load_card(tmp_path)
+    assert "\n" not in str(err.value)
+    (tmp_path / "dataset.yaml").write_text("name: x\nnum_classes: 3\n")
+    with pytest.raises(SegreproError, match="dataset.yaml.*ignore_index"):
+        load_card(tmp_path)
+
+
+def test_missing_split_file_and_empty_split(tmp_path):
+    root = write_dataset(tmp_path / "ds", {"a": ramp_pair()})
+    with pytest.raises(SegreproError, match=r"splits/val\.txt"):
+        SegmentationDataset(root, "val")
+    (root / "splits" / "train.txt").write_text("\n  \n")
+    with pytest.raises(SegreproError, match=r"splits/train\.txt"):
+        SegmentationDataset(root, "train")
+
+
+@pytest.mark.parametrize("folder", ["images", "labels"])
+def test_missing_listed_file(tmp_path, folder):
+    root = write_dataset(tmp_path / "ds", {"a": ramp_pair(), "b": ramp_pair()})
+    (root / folder / "b.png").unlink()
+    with pytest.raises(SegreproError, match=rf"{folder}/b\.png"):
+        SegmentationDataset(root, "train")
+
+
+@pytest.mark.parametrize("folder", ["images", "labels"])
+def test_corrupt_png(tmp_path, folder):
+    root = write_dataset(tmp_path / "ds", {"a": ramp_pair()})
+    path = root / folder / "a.png"
+    path.write_bytes(path.read_bytes()[:40] + b"garbage" * 5)
+    ds = SegmentationDataset(root, "train")  # existence is all the constructor checks
+    with pytest.raises(SegreproError, match=rf"{folder}/a\.png") as err:
+        ds[0]
+    assert "\n" not in str(err.value)
+
+
+def test_label_value_out_of_range(tmp_path):
+    image, label = ramp_pair()
+    label[2, 3] = 20
+    root = write_dataset(tmp_path / "ds", {"a": (image, label)}, num_classes=12)
+    with pytest.raises(SegreproError, match=r"labels/a\.png.*\b20\b"):
+        SegmentationDataset(root, "train")[0]
+
+
+def test_label_must_be_single_channel(tmp_path):
+    root = write_dataset(tmp_path / "ds", {"a": ramp_pair()})
+    Image.fromarray(ramp_pair()[0]).save(root / "labels" / "a.png")
+    with pytest.raises(SegreproError, match=r"labels/a\.png.*mode"):
+        SegmentationDataset(root, "train")[0]
+
+
+def test_size_mismatch_names_both(tmp_path):
+    image, _ = ramp_pair(4, 6)
+    _, label = ramp_pair(5, 6)
+    root = write_dataset(tmp_path / "ds", {"a": (image, label)})
+    with pytest.raises(SegreproError, match=r"images/a\.png.*labels/a\.png"):
+        SegmentationDataset(root, "train")[0]
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+def test_augment_shapes_and_determinism():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    label = rng.integers(0, 12, (30, 40), dtype=np.uint8)
+    aug = TrainAugment(crop_size=(24, 20), scale_range=(0.5, 2.0), flip=True, brightness=0.2)
+    outputs = []
+    for seed in (1, 1, 2):
+        x, y = aug(image, label, np.random.default_rng(seed))
+        assert x.shape == (24, 20, 3) and x.dtype == np.float32
+        assert y.shape == (24, 20) and y.dtype == np.uint8
+        assert x.min() >= 0 and x.max() <= 255
+        outputs.append((x, y))
+    assert np.array_equal(outputs[0][0], outputs[1][0]) and np.array_equal(outputs[0][1], outputs[1][1])
+    assert not np.array_equal(outputs[0][0], outputs[2][0])
+    x, y = TrainAugment(16)(Image.fromarray(image), label, np.random.default_rng(3))  # PIL input
+    assert x.shape == (16, 16, 3) and y.shape == (16, 16)
+
+
+def test_padding_is_mean_colour_and_ignore(tmp_path):
+    image = np.full((8, 8, 3), 200, np.uint8)
+    label = np.full((8, 8), 3, np.uint8)
+    root = write_dataset(tmp_path / "ds", {"a": (image, label)})
+    ds = SegmentationDataset(root, "train", TrainAugment(16, scale_range=(0.5, 0.5), flip=False))
+    x, y, _ = ds[(0, 7)]
+    assert x.shape == (3, 16, 16) and y.shape == (16, 16)
+    inside = y == 3
+    assert int(inside.sum()) == 16  # the 4x4 scaled image
+    assert torch.all(x[:, ~inside] == 0.0)
+    assert torch.all(y[~inside] == 255)
+    assert torch.all(x[:, inside] > 1.0)
+
+
+def test_flip_keeps_image_and_label_aligned():
+    label = np.tile(np.arange(10, dtype=np.uint8), (6, 1))
+    label[:, 7:] = 255
+    image = np.repeat(label[..., None], 3, axis=2) // 2  # colour encodes the label
+    aug = TrainAugment((6, 10), scale_range=(1.0, 1.0), flip=True, brightness=0.0)
+    flipped = 0
+    for seed in range(12):
+        x, y = aug(image, label, np.random.default_rng(seed))
+        assert np.array_equal(x[..., 0], (y // 2).astype(np.float32))
+        flipped += int(np.array_equal(y, label[:, ::-1]))
+        assert np.array_equal(y, label) or np.array_equal(y, label[:, ::-1])
+    assert 0 < flipped < 12
+
+
+def test_brightness_range_and_clip():
+    aug = TrainAugment(4, scale_range=(1.0, 1.0), flip=False, brightness=0.2)
+    label = np.zeros((4, 4), np.uint8)
+    factors = set()
+    for seed in range(20):
+        x, _ = aug(np.full((4, 4, 3), 100, np.uint8), label, np.random.default_rng(seed))
+        assert np.all(x == x[0, 0, 0]) and 80 <= x[0, 0, 0] <= 120
+        factors.add(float(x[0, 0, 0]))
+        bright, _ = aug(np.full((4, 4, 3), 250, np.uint8), label, np.random.default_rng(seed))
+        assert bright.max() <= 255
+    assert len(factors) > 10
+
+
+def test_training_dataset_needs_a_seed(tmp_path):
+    root = write_dataset(tmp_path / "ds", {"a": ramp_pair()})
+    with pytest.raises(TypeError):
+        SegmentationDataset(root, "train", TrainAugment(4))[0]
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def test_sampler_epochs_and_resume():
+    full = list(IterationBatchSampler(10, 3, seed=5, iterations=12))
+    assert len(full) == 12
+    assert all(len(batch) == 3 for batch in full)
+    for epoch in range(4):  # floor(10 / 3) = 3 batches per epoch, no repeats inside one
+        indices = [i for batch in full[3 * epoch:3 * epoch + 3] for i, _ in batch]
+        assert len(set(indices)) == 9
+    assert [i for i, _ in full[0]] != [i for i, _ in full[3]] or full[1] != full[4]
+    seeds = [s for batch in full for _, s in batch]
+    assert len(set(seeds)) == len(seeds)
+    for k in (0, 1, 3, 7, 11, 12):
+        resumed = IterationBatchSampler(10, 3, seed=5, start_iteration=k, iterations=12)
+        assert len(resumed) == 12 - k
+        assert list(resumed) == full[k:]
+    assert list(IterationBatchSampler(10, 3, seed=6, iterations=12)) != full
+
+
+def test_loader_resume_matches_full_run(tmp_path):
+    root = generate_dataset(tmp_path / "syn", "syn", seed=0, width=48, height=36, train=7, val=1)
+    args = dict(root=root, split="train", batch_size=2, crop_size=32, scale_range=(0.5, 2.0),
+                flip=True, brightness=0.2, seed=3, iterations=6)
+    full = list(make_train_loader(start_iteration=0, num_workers=0, **args))
+    assert len(full) == 6
+    x, y, ids = full[0]
+    assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32
+    assert y.shape == (2, 32, 32) and y.dtype == torch.int64 and len(ids) == 2
+    resumed = list(make_train_loader(start_iteration=4, num_workers=2, **args))
+    assert len(resumed) == 2
+    for (xa, ya, ia), (xb, yb, ib) in zip(full[4:], resumed):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and ia == ib
+
+
+def test_loader_batch_larger_than_split(tmp_path):
+    root = write_dataset(tmp_path / "ds", {"a": ramp_pair()})
+    with pytest.raises(SegreproError, match=r"splits/train\.txt"):
+        make_train_loader(root, "train", 2, 4, (1.0, 1.0), False, 0.0, 0, 0, 1, 0)

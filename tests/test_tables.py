@@ -1,0 +1,236 @@
+"""Paper tables: cell formatting, claim verdicts, spec validation and atomic writes."""
+
+import copy
+import json
+
+import pandas as pd
+import pytest
+
+from segrepro.errors import SegreproError
+from segrepro.tables import (
+    build_table,
+    check_table_spec,
+    load_metrics,
+    parse_ref,
+    row_key,
+    table_row_keys,
+    write_table,
+)
+
+SPEC = {
+    "title": "Table X. A small test table",
+    "metrics": ["miou", "pixel_acc"],
+    "rows": [
+        {"label": "Baseline", "experiment": "fcn", "protocol": "ss", "paper": {"miou": 37.23, "pixel_acc": 78.01}},
+        {"label": "PSPNet", "experiment": "psp50", "protocol": "ss", "paper": {"miou": 41.68, "pixel_acc": 80.04}},
+        # No paper pixel accuracy for this row: its cells must show a dash.
+        {"label": "PSPNet+MS", "experiment": "psp50", "protocol": "ms", "paper": {"miou": 42.78}},
+    ],
+    "claims": [
+        {"claim": "PSP beats FCN and MS helps", "better": ["psp50", "psp50@ms"], "than": ["fcn", "psp50"]},
+        {"claim": "MS is best", "best": "psp50@ms"},
+    ],
+}
+
+HEADER = {
+    "dataset": "ade20k",
+    "scale": "tiny",
+    "backbone": "resnet50s",
+    "iterations": 100,
+    "seeds": [0],
+    "commits": ["abc1234"],
+    "note": "Synthetic numbers for a test.",
+}
+
+
+def runs(mious):
+    """Results for one row: one dict per seed, pixel_acc fixed so only mIoU matters."""
+    return [{"seed": s, "miou": v, "pixel_acc": 79.0} for s, v in enumerate(mious)]
+
+
+def one_seed():
+    return {
+        "fcn@ss": [{"seed": 0, "miou": 36.0, "pixel_acc": 78.01}],
+        "psp50@ss": [{"seed": 0, "miou": 42.0, "pixel_acc": 80.5}],
+        "psp50@ms": [{"seed": 0, "miou": 41.5, "pixel_acc": 81.0}],
+    }
+
+
+def three_seeds():
+    return {
+        "fcn@ss": runs([36.0, 37.0, 38.0]),  # mean 37.00, std 1.00
+        "psp50@ss": runs([41.0, 42.0, 43.0]),  # mean 42.00, std 1.00
+        "psp50@ms": runs([42.0, 42.5, 43.0]),  # mean 42.50, std 0.50: 0.50 above psp50, inside its spread
+    }
+
+
+def table_cells(text):
+    """The body rows of the Markdown table, as lists of stripped cells, keyed by the first cell."""
+    lines = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| Method")]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
+
+
+def claim_lines(text):
+    return text.split("## Claims", 1)[1].strip().splitlines()
+
+
+def test_refs_and_keys():
+    assert row_key("psp50", "ms") == "psp50@ms"
+    assert parse_ref("psp50") == ("psp50", "ss")
+    assert parse_ref("psp50@ms") == ("psp50", "ms")
+    assert table_row_keys(SPEC) == ["fcn@ss", "psp50@ss", "psp50@ms"]
+    with pytest.raises(SegreproError):
+        parse_ref("psp50@")
+
+
+def test_one_seed_cells_and_header():
+    text, frame = build_table("test_table", SPEC, one_seed(), HEADER)
+    assert text.startswith("# test_table: Table X. A small test table\n")
+    for line in ("- Dataset: ade20k", "- Scale: tiny", "- Backbone: resnet50s", "- Iterations: 100",
+                 "- Seeds: 0", "- Commit: abc1234", "Synthetic numbers for a test."):
+        assert line in text.splitlines()
+    assert "| Method | mIoU (%) paper | mIoU (%) ours | mIoU (%) Δ | Pixel Acc. (%) paper |" in text
+    cells = table_cells(text)
+    assert cells["Baseline"] == ["37.23", "36.00", "−1.23", "78.01", "78.01", "0.00"]
+    assert cells["PSPNet"] == ["41.68", "42.00", "+0.32", "80.04", "80.50", "+0.46"]
+    assert cells["PSPNet+MS"] == ["42.78", "41.50", "−1.28", "–", "81.00", "–"]
+    assert list(frame.columns[:3]) == ["label", "experiment", "protocol"]
+    assert frame.loc[0, "miou_delta"] == pytest.approx(-1.23)
+    assert frame.loc[0, "miou_n_seeds"] == 1
+    assert pd.isna(frame.loc[0, "miou_ours_std"])
+    assert pd.isna(frame.loc[2, "pixel_acc_paper"]) and pd.isna(frame.loc[2, "pixel_acc_delta"])
+
+
+def test_one_seed_claims_not_reproduced():
+    text, _ = build_table("test_table", SPEC, one_seed(), HEADER)
+    pairs, best = claim_lines(text)
+    assert pairs == (
+        "- ❌ not reproduced: PSP beats FCN and MS helps — psp50 42.00 > fcn 36.00; "
+        "psp50@ms 41.50 ≤ psp50 42.00 (paper's numbers agree)"
+    )
+    assert best == "- ❌ not reproduced: MS is best — psp50@ms 41.50 vs best psp50 42.00 (paper's numbers agree)"
+
+
+def test_three_seeds_mean_std_and_spread():
+    header = dict(HEADER, seeds=[0, 1, 2], commits=["abc1234", "def5678"])
+    text, frame = build_table("test_table", SPEC, three_seeds(), header)
+    assert "- Seeds: 0, 1, 2" in text and "- Commit: abc1234, def5678" in text
+    cells = table_cells(text)
+    assert cells["Baseline"][:3] == ["37.23", "37.00 ± 1.00", "−0.23"]
+    assert cells["PSPNet+MS"][:3] == ["42.78", "42.50 ± 0.50", "−0.28"]
+    assert cells["PSPNet+MS"][4] == "79.00 ± 0.00"
+    assert frame.loc[1, "miou_ours_std"] == pytest.approx(1.0)
+    assert frame.loc[1, "miou_n_seeds"] == 3
+    pairs, best = claim_lines(text)
+    assert pairs == (
+        "- ✅ reproduced: PSP beats FCN and MS helps (within seed spread) — psp50 42.00 > fcn 37.00; "
+        "psp50@ms 42.50 > psp50 42.00 (paper's numbers agree)"
+    )
+    assert best == (
+        "- ✅ reproduced: MS is best (within seed spread) — psp50@ms 42.50 vs next best psp50 42.00 "
+        "(paper's numbers agree)"
+    )
+
+
+def test_claim_clear_of_spread_and_paper_disagreeing():
+    spec = copy.deepcopy(SPEC)
+    spec["rows"][2]["paper"]["miou"] = 40.0  # the paper's own numbers now contradict "MS helps"
+    spec["claims"] = [{"claim": "PSP beats FCN", "better": ["psp50"], "than": ["fcn"]},
+                      {"claim": "MS helps", "better": ["psp50@ms"], "than": ["psp50@ss"]}]
+    results = three_seeds()
+    results["psp50@ms"] = runs([45.0, 45.5, 46.0])
+    text, _ = build_table("test_table", spec, results, HEADER)
+    first, second = claim_lines(text)
+    assert first == "- ✅ reproduced: PSP beats FCN — psp50 42.00 > fcn 37.00 (paper's numbers agree)"
+    assert second == "- ✅ reproduced: MS helps — psp50@ms 45.50 > psp50 42.00 (paper's numbers disagree)"
+
+
+def test_claim_on_other_metric():
+    spec = copy.deepcopy(SPEC)
+    spec["claims"] = [{"claim": "PSP has higher accuracy", "better": ["psp50"], "than": ["fcn"], "metric": "pixel_acc"}]
+    text, _ = build_table("test_table", spec, one_seed(), HEADER)
+    assert claim_lines(text) == [
+        "- ✅ reproduced: PSP has higher accuracy — Pixel Acc. (%): psp50 80.50 > fcn 78.01 (paper's numbers agree)"
+    ]
+
+
+def test_missing_row_is_an_error():
+    results = one_seed()
+    del results["psp50@ms"]
+    with pytest.raises(SegreproError, match="PSPNet\\+MS"):
+        build_table("test_table", SPEC, results, HEADER)
+    results["psp50@ms"] = []
+    with pytest.raises(SegreproError, match="psp50@ms"):
+        build_table("test_table", SPEC, results, HEADER)
+
+
+def test_missing_metric_is_an_error():
+    results = one_seed()
+    del results["fcn@ss"][0]["pixel_acc"]
+    with pytest.raises(SegreproError, match="pixel_acc"):
+        build_table("test_table", SPEC, results, HEADER)
+
+
+def test_unknown_ref_is_an_error():
+    spec = copy.deepcopy(SPEC)
+    spec["claims"][0]["than"] = ["fcn", "psp101"]
+    with pytest.raises(SegreproError, match="test_table.*psp101"):
+        check_table_spec("test_table", spec)
+    spec = copy.deepcopy(SPEC)
+    spec["claims"][1]["best"] = "fcn@ms"  # fcn is only tested single-scale
+    with pytest.raises(SegreproError, match="test_table.*fcn@ms"):
+        build_table("test_table", spec, one_seed(), HEADER)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda s: s["claims"][0]["than"].pop(),
+    lambda s: s["rows"].append(dict(s["rows"][0])),
+    lambda s: s["claims"].append({"claim": "x", "best": "fcn", "metric": "boundary_f"}),
+    lambda s: s.pop("metrics"),
+])
+def test_bad_specs_are_errors(edit):
+    spec = copy.deepcopy(SPEC)
+    edit(spec)
+    with pytest.raises(SegreproError, match="test_table"):
+        check_table_spec("test_table", spec)
+
+
+def test_real_paper_specs_are_valid():
+    import pathlib
+
+    import yaml
+
+    papers = pathlib.Path(__file__).resolve().parents[1] / "params" / "papers"
+    for path in sorted(papers.glob("*.yaml")):
+        for name, spec in (yaml.safe_load(path.read_text()).get("tables") or {}).items():
+            check_table_spec(name, spec)
+
+
+def test_write_table_is_atomic_and_round_trips(tmp_path):
+    text, frame = build_table("test_table", SPEC, three_seeds(), HEADER)
+    target = tmp_path / "tables" / "test_table.md"
+    write_table(target, text, frame)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["test_table.csv", "test_table.md"]
+    assert target.read_text(encoding="utf-8") == text
+    back = pd.read_csv(target.with_suffix(".csv"))
+    pd.testing.assert_frame_equal(back, frame, check_dtype=False)
+    # A second write replaces both files, again leaving no temp file behind.
+    write_table(target, text.replace("ade20k", "cityscapes"), frame)
+    assert "cityscapes" in target.read_text(encoding="utf-8")
+    assert len(list(target.parent.iterdir())) == 2
+
+
+def test_load_metrics(tmp_path):
+    good = tmp_path / "metrics.json"
+    good.write_text(json.dumps({"miou": 41.0, "pixel_acc": 80.0, "seed": 0}))
+    assert load_metrics(good)["miou"] == 41.0
+    with pytest.raises(SegreproError, match="missing.json"):
+        load_metrics(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(SegreproError, match="bad.json"):
+        load_metrics(bad)
+    wrong = tmp_path / "list.json"
+    wrong.write_text("[1, 2]")
+    with pytest.raises(SegreproError, match="list.json"):
+        load_metrics(wrong)

@@ -1,0 +1,12 @@
+rule prepare_dataset:
+    """Generate (synthetic) or convert a dataset into data/{dataset} (uniform layout)."""
+    input:
+        code=stage_sources("prepare"),
+    output:
+        "data/{dataset}/dataset.yaml",
+    params:
+        declaration=lambda wildcards: PARAMS.dataset(wildcards.dataset),
+    log:
+        "logs/prepare/{dataset}.log",
+    shell:
+        "segrepro prepare {wildcards.dataset} > {log} 2>&1"

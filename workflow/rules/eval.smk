@@ -1,0 +1,17 @@
+rule evaluate:
+    """Evaluate a trained model with one test protocol (ss, ms, ...) into a metrics JSON."""
+    input:
+        model="results/runs/{scale}/{dataset}/{paper}/{experiment}/seed{seed}/model.pt",
+        dataset=dataset_card,
+        code=stage_sources("evaluate"),
+    output:
+        "results/metrics/{scale}/{dataset}/{paper}/{experiment}/seed{seed}/{protocol}.json",
+    params:
+        settings=eval_settings,
+    threads: 1
+    log:
+        "logs/evaluate/{scale}/{dataset}/{paper}/{experiment}/seed{seed}/{protocol}.log",
+    shell:
+        "segrepro evaluate --paper {wildcards.paper} --experiment {wildcards.experiment}"
+        " --scale {wildcards.scale} --dataset {wildcards.dataset} --seed {wildcards.seed}"
+        " --protocol {wildcards.protocol} --threads {threads} --out {output} > {log} 2>&1"

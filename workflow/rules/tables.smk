@@ -1,0 +1,18 @@
+rule table:
+    """A paper table (Markdown + CSV) from the metrics files of its rows and seeds."""
+    input:
+        metrics=table_metrics,
+        code=stage_sources("table"),
+    output:
+        md="results/tables/{table}.md",
+        csv="results/tables/{table}.csv",
+    params:
+        settings=table_settings,
+        dataset_option=lambda wildcards: f"--dataset {DATASET}" if DATASET else "",
+        seeds=" ".join(str(seed) for seed in SEEDS),
+    localrule: True
+    log:
+        "logs/tables/{table}.log",
+    shell:
+        "segrepro table {wildcards.table} --scale {SCALE} {params.dataset_option}"
+        " --seeds {params.seeds} --out {output.md} > {log} 2>&1"

@@ -1,0 +1,16 @@
+rule train:
+    """Train one experiment (a GPU job at paper scale; resumes from its last checkpoint)."""
+    input:
+        dataset=dataset_card,
+        code=stage_sources("train"),
+    output:
+        "results/runs/{scale}/{dataset}/{paper}/{experiment}/seed{seed}/model.pt",
+    params:
+        config=train_config_hash,
+    threads: 1
+    log:
+        "logs/train/{scale}/{dataset}/{paper}/{experiment}/seed{seed}.log",
+    shell:
+        "segrepro train --paper {wildcards.paper} --experiment {wildcards.experiment}"
+        " --scale {wildcards.scale} --dataset {wildcards.dataset} --seed {wildcards.seed}"
+        " --threads {threads} --out {output} > {log} 2>&1"
