@@ -56,6 +56,10 @@ def eval_settings(wildcards):
     }
 
 
+def dataset_declaration(wildcards):
+    return PARAMS.dataset(wildcards.dataset)
+
+
 def dataset_card(wildcards):
     return paths.dataset_root(wildcards.dataset) / "dataset.yaml"
 

@@ -5,7 +5,9 @@ rule prepare_dataset:
     output:
         "data/{dataset}/dataset.yaml",
     params:
-        declaration=lambda wildcards: PARAMS.dataset(wildcards.dataset),
+        declaration=dataset_declaration,
+    conda:
+        "../envs/segrepro.yaml"
     log:
         "logs/prepare/{dataset}.log",
     shell:

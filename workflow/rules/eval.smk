@@ -9,6 +9,8 @@ rule evaluate:
     params:
         settings=eval_settings,
     threads: 1
+    conda:
+        "../envs/segrepro.yaml"
     log:
         "logs/evaluate/{scale}/{dataset}/{paper}/{experiment}/seed{seed}/{protocol}.log",
     shell:

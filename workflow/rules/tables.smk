@@ -8,11 +8,14 @@ rule table:
         csv="results/tables/{table}.csv",
     params:
         settings=table_settings,
-        dataset_option=lambda wildcards: f"--dataset {DATASET}" if DATASET else "",
+        dataset_option=f"--dataset {DATASET}" if DATASET else "",
         seeds=" ".join(str(seed) for seed in SEEDS),
+        scale=SCALE,
     localrule: True
+    conda:
+        "../envs/segrepro.yaml"
     log:
         "logs/tables/{table}.log",
     shell:
-        "segrepro table {wildcards.table} --scale {SCALE} {params.dataset_option}"
+        "segrepro table {wildcards.table} --scale {params.scale} {params.dataset_option}"
         " --seeds {params.seeds} --out {output.md} > {log} 2>&1"

@@ -8,6 +8,8 @@ rule train:
     params:
         config=train_config_hash,
     threads: 1
+    conda:
+        "../envs/segrepro.yaml"
     log:
         "logs/train/{scale}/{dataset}/{paper}/{experiment}/seed{seed}.log",
     shell:
