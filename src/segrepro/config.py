@@ -173,7 +173,7 @@ def load_params(root: Path | str = ".", workflow: dict | None = None) -> Params:
 
     if workflow is None:
         workflow = read_yaml(params_dir / "config.yaml")
-    workflow = fill_defaults(workflow, workflow_schema)
+    workflow = fill_defaults(_from_command_line(workflow), workflow_schema)
     validate(workflow, workflow_schema, "workflow config (params/config.yaml or --config)")
 
     scales = read_yaml(params_dir / "scales.yaml")
@@ -198,6 +198,19 @@ def load_params(root: Path | str = ".", workflow: dict | None = None) -> Params:
         params.dataset(workflow["dataset"])
     _check_cross_references(params)
     return params
+
+
+def _from_command_line(workflow: dict) -> dict:
+    """Snakemake passes `--config seeds=[0,1]` as strings ['0', '1'] and `dataset=null` as 'null'."""
+    workflow = dict(workflow)
+    seeds = workflow.get("seeds")
+    if isinstance(seeds, (str, int)):
+        seeds = [seeds]
+    if isinstance(seeds, list):
+        workflow["seeds"] = [int(s) if isinstance(s, str) and s.strip().isdigit() else s for s in seeds]
+    if workflow.get("dataset") in ("null", "None", ""):
+        workflow["dataset"] = None
+    return workflow
 
 
 def _check_cross_references(params: Params) -> None:

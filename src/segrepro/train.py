@@ -108,42 +108,41 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
     began = time.time()
     with tracking.Run(run_dir, config, tags) as mlrun:
         model.train()
-        progress = tqdm(total=iterations, initial=start, desc=f"{config['paper']}/{config['experiment']}",
-                        file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 15.0, unit="it")
-        window: list[float] = []
-        iteration = start
-        for images, labels, _ids in loader:
-            lr = poly_lr(settings["lr"], iteration, iterations, settings["poly_power"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            torch.manual_seed(_iteration_seed(config["seed"], iteration))
-            images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                outputs = model(images)
-            loss, parts = model.loss(outputs, labels)
-            if not math.isfinite(loss.item()):
-                raise SegreproError(
-                    f"{config['paper']}/{config['experiment']}: loss is {loss.item()} at iteration "
-                    f"{iteration}; lower train.lr in params"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            iteration += 1
-            window.append(loss.item())
-            progress.update(1)
-            if iteration % settings["log_every"] == 0 or iteration == iterations:
-                record = {"iteration": iteration, "loss": sum(window) / len(window), "lr": lr,
-                          **{f"loss_{k}": v.item() for k, v in parts.items()}}
-                window.clear()
-                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
-                with open(run_dir / LOG, "a") as log:
-                    log.write(json.dumps(record) + "\n")
-                mlrun.log_metrics({k: v for k, v in record.items() if k != "iteration"}, step=iteration)
-            if iteration % settings["checkpoint_every"] == 0 and iteration < iterations:
-                _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "iteration": iteration, "config_hash": digest}, run_dir / CHECKPOINT)
-        progress.close()
+        with tqdm(total=iterations, initial=start, desc=f"{config['paper']}/{config['experiment']}",
+                  file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 15.0, unit="it") as progress:
+            window: list[float] = []
+            iteration = start
+            for images, labels, _ids in loader:
+                lr = poly_lr(settings["lr"], iteration, iterations, settings["poly_power"])
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                torch.manual_seed(_iteration_seed(config["seed"], iteration))
+                images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                    outputs = model(images)
+                loss, parts = model.loss(outputs, labels)
+                if not math.isfinite(loss.item()):
+                    raise SegreproError(
+                        f"{config['paper']}/{config['experiment']}: loss is {loss.item()} at iteration "
+                        f"{iteration}; lower train.lr in params"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                iteration += 1
+                window.append(loss.item())
+                progress.update(1)
+                if iteration % settings["log_every"] == 0 or iteration == iterations:
+                    record = {"iteration": iteration, "loss": sum(window) / len(window), "lr": lr,
+                              **{f"loss_{k}": v.item() for k, v in parts.items()}}
+                    window.clear()
+                    progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
+                    with open(run_dir / LOG, "a") as log:
+                        log.write(json.dumps(record) + "\n")
+                    mlrun.log_metrics({k: v for k, v in record.items() if k != "iteration"}, step=iteration)
+                if iteration % settings["checkpoint_every"] == 0 and iteration < iterations:
+                    _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "iteration": iteration, "config_hash": digest}, run_dir / CHECKPOINT)
 
         seconds = time.time() - began
         summary = {"iterations": iterations, "resumed_from": start, "train_seconds": seconds,
