@@ -43,10 +43,8 @@ def read_yaml(path: Path) -> dict:
 
 def validate(instance: dict, schema: dict, where: str) -> None:
     """Validate against a JSON schema; the first error becomes one line naming the key."""
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
-    if errors:
-        err = errors[0]
+    err = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(instance))
+    if err is not None:
         key = ".".join(str(part) for part in err.absolute_path) or "(top level)"
         raise SegreproError(f"{where}: {key}: {err.message}")
 
@@ -137,8 +135,9 @@ class Params:
         overrides = self.experiment(paper, experiment)
         scale_profile = self.scale(scale)
         run = {"model": registry["model"], "train": scale_profile["train"], "eval": scale_profile["eval"]}
-        for layer in (registry.get("scales", {}).get(scale), overrides):
-            run = deep_merge(run, {k: v for k, v in (layer or {}).items() if k != "dataset"})
+        layers = (registry.get("scales", {}).get(scale), overrides, overrides.get("scales", {}).get(scale))
+        for layer in layers:
+            run = deep_merge(run, {k: v for k, v in (layer or {}).items() if k not in ("dataset", "scales")})
         name = self.dataset_name(paper, scale, dataset or overrides.get("dataset"))
         return {
             "paper": paper,

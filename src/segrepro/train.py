@@ -112,7 +112,7 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
                   file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 15.0, unit="it") as progress:
             window: list[float] = []
             iteration = start
-            for images, labels, _ids in loader:
+            for images, labels, _ids in _batches(loader):
                 lr = poly_lr(settings["lr"], iteration, iterations, settings["poly_power"])
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -156,6 +156,16 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
     # The final model supersedes the checkpoint; keeping both would double the disk use.
     (run_dir / CHECKPOINT).unlink(missing_ok=True)
     return summary
+
+
+def _batches(loader):
+    """The loader's batches; a data error raised in a loader worker comes back as a traceback in
+    the message, so keep only its last line (the error itself) to stay a one-line error."""
+    try:
+        yield from loader
+    except SegreproError as err:
+        last = str(err).strip().splitlines()[-1]
+        raise SegreproError(last.removeprefix("segrepro.errors.SegreproError: ")) from None
 
 
 def _truncate_log(path: Path, iteration: int) -> None:

@@ -1,0 +1,320 @@
+"""params/ loading, validation and run resolution (segrepro.config), the config hash that decides
+reruns (segrepro.provenance) and the per-stage code inputs (segrepro.codedeps)."""
+
+import shutil
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from conftest import REPO, edit_yaml
+
+from segrepro import codedeps
+from segrepro.config import deep_merge, load_params, read_yaml
+from segrepro.errors import SegreproError
+from segrepro.provenance import config_hash, training_config
+
+
+@pytest.fixture(scope="module")
+def params():
+    return load_params(REPO)
+
+
+@pytest.fixture
+def root(tmp_path):
+    """A copy of params/ and workflow/schemas/ to break on purpose."""
+    shutil.copytree(REPO / "params", tmp_path / "params")
+    shutil.copytree(REPO / "workflow" / "schemas", tmp_path / "workflow" / "schemas")
+    return tmp_path
+
+
+def one_line_error(root, match, **kwargs) -> str:
+    with pytest.raises(SegreproError, match=match) as info:
+        load_params(root, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# ----------------------------------------------------------------------------- the repo's params
+
+def test_repository_params_are_valid(params):
+    assert "pspnet" in params.papers
+    assert {"tiny", "demo", "paper"} <= set(params.scales)
+    assert params.workflow["scale"] in params.scales
+    assert params.workflow["seeds"]
+
+
+def all_runs(params):
+    for paper, registry in params.papers.items():
+        for experiment in registry["experiments"]:
+            for scale in params.scales:
+                yield paper, experiment, scale
+
+
+def test_every_experiment_resolves_at_every_scale(params):
+    schema = read_yaml(REPO / "workflow" / "schemas" / "params.schema.yaml")
+    model_schema = jsonschema.Draft202012Validator(schema["$defs"]["pspnet_model"] | schema)
+    train_schema = jsonschema.Draft202012Validator(schema["$defs"]["train"] | schema)
+    count = 0
+    for paper, experiment, scale in all_runs(params):
+        config = params.resolve(paper, experiment, scale, seed=3)
+        count += 1
+        assert (config["paper"], config["experiment"], config["scale"], config["seed"]) == (
+            paper, experiment, scale, 3)
+        assert config["dataset"]["name"] in params.datasets
+        assert config["dataset"]["root"] == str(Path("data") / config["dataset"]["name"])
+        # Complete: every section present, every key the trainer reads there, still schema-valid.
+        for section, keys in {
+            "train": ["iterations", "batch_size", "crop_size", "lr", "momentum", "weight_decay",
+                      "poly_power", "scale_range", "flip", "brightness", "checkpoint_every",
+                      "log_every", "num_workers"],
+            "eval": ["crop_size", "protocols"],
+        }.items():
+            assert set(keys) <= set(config[section]), (experiment, scale, section)
+        model = config["model"]
+        assert {"family", "backbone", "head", "aux"} <= set(model)
+        assert {"type", "bins", "pool", "reduction", "channels", "dropout"} <= set(model["head"])
+        model_schema.validate(model)
+        train_schema.validate(config["train"])
+    assert count == sum(len(r["experiments"]) for r in params.papers.values()) * len(params.scales)
+
+
+def test_resolution_layers(params):
+    """scale profile < paper's scale refinement < experiment overrides."""
+    tiny = params.resolve("pspnet", "psp269", "tiny")
+    assert tiny["train"] == params.scales["tiny"]["train"]
+    assert tiny["model"]["head"]["channels"] == 16                     # paper's tiny refinement
+    assert tiny["model"]["backbone"]["kwargs"] == {                    # both kwargs layers merged
+        "channels": [4, 8, 16, 32], "stem_width": 4, "layers": [3, 30, 48, 8]}
+    assert params.resolve("pspnet", "fcn_aux06", "demo")["model"]["aux"] == {"weight": 0.6, "channels": 32}
+    assert params.resolve("pspnet", "b1_max", "tiny")["model"]["head"]["bins"] == [1]
+    paper = params.resolve("pspnet", "psp50", "paper")
+    assert paper["dataset"]["name"] == "ade20k" and paper["model"]["backbone"]["pretrained"] is True
+    assert params.resolve("pspnet", "psp50", "tiny", dataset="synthetic")["dataset"]["name"] == "synthetic"
+    # Resolution copies: changing one run's config leaves the registry alone.
+    tiny["model"]["head"]["bins"].append(12)
+    assert params.paper("pspnet")["model"]["head"]["bins"] == [1, 2, 3, 6]
+
+
+def test_experiment_overrides_win_over_the_papers_scale_refinement(root):
+    edit_yaml(root / "params" / "papers" / "pspnet.yaml", {"experiments": {
+        "fcn": {"dataset": "synthetic", "model": {"head": {"channels": 7}}, "train": {"lr": 0.5}},
+    }})
+    params = load_params(root)
+    fcn = params.resolve("pspnet", "fcn", "tiny")
+    assert fcn["model"]["head"]["channels"] == 7          # the tiny refinement says 16
+    assert fcn["model"]["head"]["type"] == "fcn"
+    assert fcn["train"]["lr"] == 0.5 and fcn["train"]["iterations"] == 6
+    assert fcn["dataset"]["name"] == "synthetic"            # the experiment's dataset
+    assert params.resolve("pspnet", "fcn", "tiny", dataset="synthetic-tiny")["dataset"]["name"] == (
+        "synthetic-tiny")                                   # an explicit dataset wins
+    assert params.resolve("pspnet", "psp50", "tiny")["model"]["head"]["channels"] == 16
+
+
+def test_no_run_asks_for_pretrained_weights_of_a_custom_backbone(params):
+    """A backbone with custom layers/channels has no ImageNet weights: such a run cannot start
+    (segrepro.models.backbone refuses it), so no scale may resolve to one."""
+    bad = []
+    for paper, experiment, scale in all_runs(params):
+        backbone = params.resolve(paper, experiment, scale)["model"]["backbone"]
+        custom = {"layers", "channels"} & set(backbone.get("kwargs") or {})
+        if backbone["pretrained"] is True and custom:
+            bad.append(f"{paper}/{experiment}@{scale}")
+    assert not bad, f"pretrained: true with custom layers/channels: {bad}"
+
+
+def test_every_table_row_names_an_existing_experiment_and_protocol(params):
+    assert params.table_names()
+    for name in params.table_names():
+        paper, spec = params.table(name)
+        for row in spec["rows"]:
+            assert row["experiment"] in params.paper(paper)["experiments"], (name, row)
+            assert name in params.tables_using(paper, row["experiment"])
+        for scale in params.scales:
+            assert params.runs_for_table(name, scale, None, [0]) == (paper, spec)
+
+
+def test_tables_using(params):
+    assert params.tables_using("pspnet", "psp50") == ["pspnet_table1", "pspnet_table3"]
+    assert params.tables_using("pspnet", "fcn") == ["pspnet_table1", "pspnet_table2"]
+    assert params.tables_using("pspnet", "fcn_aux03") == ["pspnet_table2"]
+
+
+# ----------------------------------------------------------------------------- one-line errors
+
+def test_unknown_key_in_scales(root):
+    edit_yaml(root / "params" / "scales.yaml", {"tiny": {"train": {"iteratoins": 10}}})
+    message = one_line_error(root, "iteratoins")
+    assert "scales.yaml" in message and "tiny" in message
+
+
+def test_wrong_type_in_scales(root):
+    edit_yaml(root / "params" / "scales.yaml", {"demo": {"train": {"iterations": "many"}}})
+    message = one_line_error(root, "iterations")
+    assert "scales.yaml" in message and "demo" in message and "many" in message
+
+
+def test_unknown_key_in_a_paper_experiment(root):
+    edit_yaml(root / "params" / "papers" / "pspnet.yaml",
+              {"experiments": {"fcn": {"model": {"head": {"bisn": [1]}}}}})
+    message = one_line_error(root, "bisn")
+    assert "pspnet.yaml" in message and "experiments.fcn.model.head" in message
+
+
+def test_bad_enum_in_a_paper(root):
+    edit_yaml(root / "params" / "papers" / "pspnet.yaml", {"model": {"head": {"pool": "median"}}})
+    one_line_error(root, "model.head.pool.*median")
+
+
+def test_table_row_with_unknown_experiment(root):
+    path = root / "params" / "papers" / "pspnet.yaml"
+    registry = yaml.safe_load(path.read_text())
+    registry["tables"]["pspnet_table2"]["rows"][1]["experiment"] = "fcn_aux07"
+    path.write_text(yaml.safe_dump(registry))
+    message = one_line_error(root, "fcn_aux07")
+    assert "pspnet_table2" in message
+
+
+def test_scale_with_unknown_dataset(root):
+    edit_yaml(root / "params" / "scales.yaml", {"demo": {"dataset": "cityscapes"}})
+    message = one_line_error(root, "cityscapes")
+    assert "scales.yaml" in message and "demo" in message
+
+
+def test_invalid_yaml_names_file_and_line(root):
+    (root / "params" / "datasets.yaml").write_text("a: 1\nb: [unclosed\n")
+    one_line_error(root, r"datasets.yaml.*line \d+")
+
+
+def test_unknown_workflow_key():
+    message = one_line_error(REPO, "sclae", workflow={"scale": "tiny", "seeds": [0], "sclae": 1})
+    assert "workflow config" in message
+
+
+@pytest.mark.parametrize("workflow, match", [
+    ({"scale": "huge", "seeds": [0]}, "unknown scale 'huge'"),
+    ({"scale": "tiny", "seeds": [0], "dataset": "imagenet"}, "unknown dataset 'imagenet'"),
+    ({"scale": "tiny", "seeds": []}, "seeds"),
+    ({"scale": "tiny", "seeds": [0, 0]}, "seeds"),
+    ({"scale": "tiny", "seeds": [-1]}, "seeds"),
+])
+def test_bad_workflow_values(workflow, match):
+    one_line_error(REPO, match, workflow=workflow)
+
+
+def test_workflow_defaults_are_filled():
+    params = load_params(REPO, workflow={"scale": "tiny"})
+    assert params.workflow == {"scale": "tiny", "seeds": [0], "dataset": None}
+
+
+@pytest.mark.parametrize("call, culprit", [
+    (lambda p: p.resolve("pspnet", "psp51", "tiny"), "psp51"),
+    (lambda p: p.experiment("pspnet", "psp51"), "psp51"),
+    (lambda p: p.resolve("deeplab", "psp50", "tiny"), "deeplab"),
+    (lambda p: p.resolve("pspnet", "psp50", "huge"), "huge"),
+    (lambda p: p.resolve("pspnet", "psp50", "tiny", dataset="imagenet"), "imagenet"),
+    (lambda p: p.table("pspnet_table9"), "pspnet_table9"),
+    (lambda p: p.runs_for_table("pspnet_table9", "tiny", None, [0]), "pspnet_table9"),
+    (lambda p: p.dataset("imagenet"), "imagenet"),
+])
+def test_lookup_errors_name_the_culprit(params, call, culprit):
+    with pytest.raises(SegreproError) as info:
+        call(params)
+    message = str(info.value)
+    assert f"'{culprit}'" in message and "\n" not in message
+    assert "known:" in message  # and says what would have been accepted
+
+
+def test_table_protocol_missing_from_scale(root):
+    scales = yaml.safe_load((root / "params" / "scales.yaml").read_text())
+    del scales["tiny"]["eval"]["protocols"]["ms"]
+    (root / "params" / "scales.yaml").write_text(yaml.safe_dump(scales))
+    params = load_params(root)
+    params.runs_for_table("pspnet_table1", "tiny", None, [0])  # ss only: fine
+    with pytest.raises(SegreproError, match="protocol 'ms'.*scale 'tiny'"):
+        params.runs_for_table("pspnet_table3", "tiny", None, [0])
+
+
+# ----------------------------------------------------------------------------- deep_merge
+
+def test_deep_merge_semantics():
+    base = {"a": {"b": 1, "c": [1, 2], "d": {"e": 1}}, "f": 1, "g": {"h": 1}}
+    override = {"a": {"c": [3], "d": {"x": 2}}, "f": {"new": 1}, "g": 5, "i": None}
+    merged = deep_merge(base, override)
+    assert merged == {"a": {"b": 1, "c": [3], "d": {"e": 1, "x": 2}}, "f": {"new": 1}, "g": 5, "i": None}
+    # Neither input is changed, and the result shares nothing mutable with them.
+    assert base == {"a": {"b": 1, "c": [1, 2], "d": {"e": 1}}, "f": 1, "g": {"h": 1}}
+    merged["a"]["d"]["e"] = 99
+    merged["f"]["new"] = 99
+    assert base["a"]["d"]["e"] == 1 and override["f"]["new"] == 1
+    assert deep_merge(base, None) == base and deep_merge(base, None) is not base
+    assert deep_merge(base, {}) == base
+    # An empty mapping merges (changes nothing); it does not wipe the section.
+    assert deep_merge(base, {"a": {}})["a"] == base["a"]
+
+
+# ----------------------------------------------------------------------------- config hash
+
+def test_training_config_and_hash(params):
+    config = params.resolve("pspnet", "psp50", "tiny")
+    digest = config_hash(training_config(config))
+    assert "eval" not in training_config(config) and "train" in training_config(config)
+    assert len(digest) == 16 and int(digest, 16) >= 0
+
+    eval_changed = deep_merge(config, {"eval": {"crop_size": 96, "protocols": {"ms": {"flip": False}}}})
+    assert config_hash(training_config(eval_changed)) == digest
+    for change in ({"train": {"lr": 0.02}}, {"train": {"iterations": 7}}, {"seed": 1},
+                   {"model": {"head": {"pool": "max"}}}, {"dataset": {"name": "synthetic"}}):
+        assert config_hash(training_config(deep_merge(config, change))) != digest, change
+
+    # Key order does not matter, values do.
+    reordered = dict(reversed(list(config.items())))
+    assert config_hash(training_config(reordered)) == digest
+    assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1}) != config_hash({"a": 2, "b": 1})
+
+
+def test_experiments_have_distinct_training_hashes(params):
+    for scale in params.scales:
+        digests = {}
+        for experiment in params.paper("pspnet")["experiments"]:
+            digest = config_hash(training_config(params.resolve("pspnet", experiment, scale)))
+            assert digest not in digests, (scale, experiment, digests.get(digest))
+            digests[digest] = experiment
+
+
+# ----------------------------------------------------------------------------- code inputs
+
+def stage(name):
+    src = REPO / "src"
+    return {str(Path(p).relative_to(src)) for p in codedeps.stage_sources(name, str(src))}
+
+
+def test_stage_sources():
+    table, train, evaluate, prepare = stage("table"), stage("train"), stage("evaluate"), stage("prepare")
+    assert "segrepro/tables.py" in table
+    assert "segrepro/train.py" not in table and not any("models" in p for p in table)
+    assert {"segrepro/train.py", "segrepro/models/pspnet.py", "segrepro/models/backbone.py",
+            "segrepro/models/__init__.py", "segrepro/data/dataset.py", "segrepro/tracking.py",
+            "segrepro/__init__.py"} <= train
+    assert "segrepro/inference.py" not in train and "segrepro/evaluate.py" not in train
+    assert {"segrepro/evaluate.py", "segrepro/inference.py", "segrepro/metrics.py",
+            "segrepro/train.py", "segrepro/models/pspnet.py"} <= evaluate
+    assert "segrepro/data/synthetic.py" in prepare and "segrepro/train.py" not in prepare
+    for files in (table, train, evaluate, prepare):
+        assert all((REPO / "src" / f).is_file() for f in files)
+    assert codedeps.stage_sources("train", str(REPO / "src")) == sorted(codedeps.stage_sources("train", str(REPO / "src")))
+
+
+def test_stage_sources_follow_lazy_and_relative_imports(tmp_path):
+    pkg = tmp_path / "segrepro"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "tables.py").write_text("def f():\n    from .sub import helper\n")
+    (pkg / "sub" / "helper.py").write_text("from segrepro import leaf\n")
+    (pkg / "leaf.py").write_text("import os\n")
+    (pkg / "unused.py").write_text("")
+    found = {Path(p).relative_to(tmp_path).as_posix() for p in codedeps.stage_sources("table", str(tmp_path))}
+    assert found == {"segrepro/__init__.py", "segrepro/tables.py", "segrepro/sub/__init__.py",
+                     "segrepro/sub/helper.py", "segrepro/leaf.py"}
