@@ -114,27 +114,19 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
             iteration = start
             for images, labels, _ids in _batches(loader):
                 lr = poly_lr(settings["lr"], iteration, iterations, settings["poly_power"])
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
                 torch.manual_seed(_iteration_seed(config["seed"], iteration))
-                images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                    outputs = model(images)
-                loss, parts = model.loss(outputs, labels)
-                if not math.isfinite(loss.item()):
+                loss, parts = _step(model, optimizer, images.to(dev), labels.to(dev), lr)
+                if not math.isfinite(loss):
                     raise SegreproError(
-                        f"{config['paper']}/{config['experiment']}: loss is {loss.item()} at iteration "
+                        f"{config['paper']}/{config['experiment']}: loss is {loss} at iteration "
                         f"{iteration}; lower train.lr in params"
                     )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
                 iteration += 1
-                window.append(loss.item())
+                window.append(loss)
                 progress.update(1)
                 if iteration % settings["log_every"] == 0 or iteration == iterations:
                     record = {"iteration": iteration, "loss": sum(window) / len(window), "lr": lr,
-                              **{f"loss_{k}": v.item() for k, v in parts.items()}}
+                              **{f"loss_{k}": v for k, v in parts.items()}}
                     window.clear()
                     progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
                     with open(run_dir / LOG, "a") as log:
@@ -156,6 +148,19 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
     # The final model supersedes the checkpoint; keeping both would double the disk use.
     (run_dir / CHECKPOINT).unlink(missing_ok=True)
     return summary
+
+
+def _step(model, optimizer, images, labels, lr: float) -> tuple[float, dict[str, float]]:
+    """One SGD step at learning rate `lr`; bf16 autocast on CUDA (the loss is taken in fp32)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+        outputs = model(images)
+    loss, parts = model.loss(outputs, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item(), {name: value.item() for name, value in parts.items()}
 
 
 def _batches(loader):
