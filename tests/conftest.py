@@ -45,6 +45,17 @@ TINY = "synthetic-tiny"
 _IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".snakemake")
 
 
+def copy_project(root: Path) -> None:
+    """Copy what the workflow needs (Snakefile, workflow/, params/, src/) into a new folder."""
+    root.mkdir(parents=True)
+    for name in PROJECT_ENTRIES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=_IGNORED)
+        else:
+            shutil.copy2(source, root / name)
+
+
 def edit_yaml(path: Path | str, override: dict) -> dict:
     """Deep-merge `override` into the YAML mapping at `path` (nested mappings merge, anything
     else replaces) and write it back. Returns the new content."""
@@ -107,13 +118,7 @@ def project(tmp_path, monkeypatch, tiny_dataset, mlflow_store_template) -> Path:
     workflow hashes and declares as code inputs, not what subprocesses import.
     """
     root = tmp_path / "project"
-    root.mkdir()
-    for name in PROJECT_ENTRIES:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=_IGNORED)
-        else:
-            shutil.copy2(source, root / name)
+    copy_project(root)
     shutil.copytree(tiny_dataset, root / "data" / TINY)
 
     db = tmp_path / "mlflow.db"

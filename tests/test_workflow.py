@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import PROJECT_ENTRIES, REPO, TINY, edit_yaml
+from conftest import TINY, copy_project, edit_yaml
 
 TABLE = "pspnet_table1"
 TABLE_MD = Path("results/tables") / f"{TABLE}.md"
@@ -133,17 +133,6 @@ def project_env(db: Path) -> dict:
     env.pop("SEGREPRO_MLFLOW", None)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
-
-
-def copy_project(root: Path) -> None:
-    root.mkdir(parents=True)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".snakemake")
-    for name in PROJECT_ENTRIES:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=ignore)
-        else:
-            shutil.copy2(source, root / name)
 
 
 # ----------------------------------------------------------------------------- fixtures
