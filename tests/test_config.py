@@ -132,7 +132,7 @@ def test_every_table_row_names_an_existing_experiment_and_protocol(params):
             assert row["experiment"] in params.paper(paper)["experiments"], (name, row)
             assert name in params.tables_using(paper, row["experiment"])
         for scale in params.scales:
-            assert params.runs_for_table(name, scale, None, [0]) == (paper, spec)
+            assert params.checked_table(name, scale) == (paper, spec)
 
 
 def test_tables_using(params):
@@ -215,7 +215,7 @@ def test_workflow_defaults_are_filled():
     (lambda p: p.resolve("pspnet", "psp50", "huge"), "huge"),
     (lambda p: p.resolve("pspnet", "psp50", "tiny", dataset="imagenet"), "imagenet"),
     (lambda p: p.table("pspnet_table9"), "pspnet_table9"),
-    (lambda p: p.runs_for_table("pspnet_table9", "tiny", None, [0]), "pspnet_table9"),
+    (lambda p: p.checked_table("pspnet_table9", "tiny"), "pspnet_table9"),
     (lambda p: p.dataset("imagenet"), "imagenet"),
 ])
 def test_lookup_errors_name_the_culprit(params, call, culprit):
@@ -231,9 +231,9 @@ def test_table_protocol_missing_from_scale(root):
     del scales["tiny"]["eval"]["protocols"]["ms"]
     (root / "params" / "scales.yaml").write_text(yaml.safe_dump(scales))
     params = load_params(root)
-    params.runs_for_table("pspnet_table1", "tiny", None, [0])  # ss only: fine
+    params.checked_table("pspnet_table1", "tiny")  # ss only: fine
     with pytest.raises(SegreproError, match="protocol 'ms'.*scale 'tiny'"):
-        params.runs_for_table("pspnet_table3", "tiny", None, [0])
+        params.checked_table("pspnet_table3", "tiny")
 
 
 # ----------------------------------------------------------------------------- deep_merge

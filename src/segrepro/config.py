@@ -148,8 +148,8 @@ class Params:
             **run,
         }
 
-    def runs_for_table(self, name: str, scale: str, dataset: str | None, seeds: list[int]):
-        """Every (paper, experiment, protocol, seed) a table needs, rows in order."""
+    def checked_table(self, name: str, scale: str) -> tuple[str, dict]:
+        """(paper, spec) of a table whose rows name known experiments and protocols of `scale`."""
         paper, spec = self.table(name)
         protocols = self.scale(scale)["eval"]["protocols"]
         for row in spec["rows"]:

@@ -335,7 +335,7 @@ def write_paper_table(params, name: str, scale: str, dataset: str | None, seeds:
     """Collect the metrics files of every (row, seed) of a declared table and write it."""
     from segrepro import paths
 
-    paper, spec = params.runs_for_table(name, scale, dataset, seeds)
+    paper, spec = params.checked_table(name, scale)
     dataset_name = params.dataset_name(paper, scale, dataset)
     results = {}
     for row in spec["rows"]:

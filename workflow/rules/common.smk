@@ -67,7 +67,7 @@ def dataset_card(wildcards):
 def table_metrics(wildcards):
     """Every metrics file a table reads: its rows x the configured seeds."""
     try:
-        paper, spec = PARAMS.runs_for_table(wildcards.table, SCALE, DATASET, SEEDS)
+        paper, spec = PARAMS.checked_table(wildcards.table, SCALE)
     except SegreproError as err:
         raise WorkflowError(str(err)) from None
     dataset = PARAMS.dataset_name(paper, SCALE, DATASET)
