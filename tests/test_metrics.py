@@ -84,13 +84,6 @@ def test_merge_equals_single_update():
     assert a.summary() == whole.summary()
 
 
-def test_from_array_roundtrip():
-    cm = ConfusionMatrix(3)
-    cm.update(PRED, TARGET)
-    again = ConfusionMatrix.from_array(cm.matrix.tolist())
-    assert again.summary() == cm.summary()
-
-
 def test_errors():
     cm = ConfusionMatrix(3)
     with pytest.raises(ValueError):

@@ -23,16 +23,6 @@ class ConfusionMatrix:
         self.ignore_index = int(ignore_index)
         self.matrix = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
 
-    @classmethod
-    def from_array(cls, matrix, ignore_index: int = 255) -> ConfusionMatrix:
-        """Rebuild from a saved K x K count matrix (e.g. one written next to a run's results)."""
-        arr = np.asarray(matrix, dtype=np.int64)
-        if arr.ndim != 2 or arr.shape[0] != arr.shape[1]:
-            raise ValueError(f"expected a square matrix, got shape {arr.shape}")
-        cm = cls(arr.shape[0], ignore_index)
-        cm.matrix = arr.copy()
-        return cm
-
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Count one prediction/label pair of any (equal) shape; `ignore_index` pixels are skipped."""
         pred = torch.as_tensor(pred)
@@ -59,9 +49,6 @@ class ConfusionMatrix:
             raise ValueError(f"cannot merge {other.num_classes} classes into {self.num_classes}")
         self.matrix += other.matrix
         return self
-
-    def reset(self) -> None:
-        self.matrix[:] = 0
 
     def summary(self, class_names: Sequence[str] | None = None) -> dict:
         """Metrics in percent.

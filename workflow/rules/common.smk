@@ -78,9 +78,9 @@ def table_metrics(wildcards):
     ]
 
 
-def table_settings(wildcards):
-    paper, spec = PARAMS.table(wildcards.table)
-    return {"spec": spec, "scale": SCALE, "seeds": SEEDS, "dataset": DATASET}
+def table_spec(wildcards):
+    """A table's declaration: editing its rows, numbers or claims rebuilds it."""
+    return PARAMS.table(wildcards.table)[1]
 
 
 def all_tables():

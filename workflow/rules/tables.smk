@@ -7,7 +7,7 @@ rule table:
         md="results/tables/{table}.md",
         csv="results/tables/{table}.csv",
     params:
-        settings=table_settings,
+        spec=table_spec,
         dataset_option=f"--dataset {DATASET}" if DATASET else "",
         seeds=" ".join(str(seed) for seed in SEEDS),
         scale=SCALE,
