@@ -54,7 +54,13 @@ def all_runs(params):
 
 def test_every_experiment_resolves_at_every_scale(params):
     schema = read_yaml(REPO / "workflow" / "schemas" / "params.schema.yaml")
-    model_schema = jsonschema.Draft202012Validator(schema["$defs"]["pspnet_model"] | schema)
+    model_schemas = {family: jsonschema.Draft202012Validator(schema["$defs"][f"{family}_model"] | schema)
+                     for family in ("pspnet", "saf")}
+    model_keys = {"pspnet": ({"family", "backbone", "head", "aux"},
+                             {"type", "bins", "pool", "reduction", "channels", "dropout"}),
+                  "saf": ({"family", "backbone", "head"},
+                          {"output", "strides", "context", "relabel", "tau", "train_tau", "unity_channels",
+                           "semantic_channels", "key_channels", "pool_bins", "aux_weight", "dropout"})}
     train_schema = jsonschema.Draft202012Validator(schema["$defs"]["train"] | schema)
     count = 0
     for paper, experiment, scale in all_runs(params):
@@ -73,9 +79,9 @@ def test_every_experiment_resolves_at_every_scale(params):
         }.items():
             assert set(keys) <= set(config[section]), (experiment, scale, section)
         model = config["model"]
-        assert {"family", "backbone", "head", "aux"} <= set(model)
-        assert {"type", "bins", "pool", "reduction", "channels", "dropout"} <= set(model["head"])
-        model_schema.validate(model)
+        model_sections, head_keys = model_keys[model["family"]]
+        assert model_sections <= set(model) and head_keys <= set(model["head"])
+        model_schemas[model["family"]].validate(model)
         train_schema.validate(config["train"])
     assert count == sum(len(r["experiments"]) for r in params.papers.values()) * len(params.scales)
 

@@ -4,6 +4,9 @@
   segrepro train    --paper P --experiment E   train one run (resumes from its checkpoint)
   segrepro evaluate --paper P --experiment E   evaluate it with a test protocol
   segrepro table NAME                          write results/tables/NAME.md (+ .csv)
+  segrepro pyramids DATASET                    pyramidal ground truth of a split (SaF)
+  segrepro pyramid-stats DATASET               results/tables/pyramid_stats.md from it
+  segrepro figure NAME                         write results/figures/NAME.png
   segrepro config   --paper P --experiment E   print the fully resolved configuration
   segrepro list                                papers, experiments and tables
   segrepro tracking-init                       create the MLflow store and experiments
@@ -64,6 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--dataset")
     table.add_argument("--seeds", type=int, nargs="+")
     table.add_argument("--out", type=Path, help="default: results/tables/NAME.md")
+
+    pyramids = commands.add_parser("pyramids", help="precompute the pyramidal ground truth of a split")
+    pyramids.add_argument("dataset")
+    pyramids.add_argument("--split", default="val")
+    pyramids.add_argument("--scale", help="its single-scale protocol sets the evaluation size")
+    pyramids.add_argument("--out", type=Path, help="default: results/pyramids/DATASET/SPLIT")
+
+    stats = commands.add_parser("pyramid-stats", help="unity/mix/ignore shares of the precomputed pyramids")
+    stats.add_argument("dataset")
+    stats.add_argument("--split", default="val")
+    stats.add_argument("--out", type=Path, default=Path("results/tables/pyramid_stats.md"))
+
+    figure = commands.add_parser("figure", help="draw a paper figure from an evaluated run")
+    figure.add_argument("name", help="e.g. saf_levels_per_class")
+    figure.add_argument("--scale")
+    figure.add_argument("--dataset")
+    figure.add_argument("--seed", type=int)
+    figure.add_argument("--out", type=Path, help="default: results/figures/NAME.png")
 
     config = commands.add_parser("config", help="print a run's resolved configuration")
     _run_arguments(config)
@@ -130,6 +151,37 @@ def cmd_table(params: Params, args) -> None:
     print(f"wrote {out}")
 
 
+def cmd_pyramids(params: Params, args) -> None:
+    from segrepro.pyramid_store import write_pyramids
+
+    params.dataset(args.dataset)
+    scale = args.scale or params.workflow["scale"]
+    out = args.out or paths.pyramid_dir(args.dataset, args.split)
+    write_pyramids(paths.dataset_root(args.dataset), args.split, out,
+                   base_size=params.scale(scale)["eval"].get("base_size"))
+    print(f"wrote the pyramidal ground truth of {args.dataset}/{args.split} to {out}")
+
+
+def cmd_pyramid_stats(params: Params, args) -> None:
+    from segrepro.pyramid_store import write_pyramid_stats
+
+    params.dataset(args.dataset)
+    write_pyramid_stats(paths.pyramid_dir(args.dataset, args.split), paths.dataset_root(args.dataset), args.out)
+    print(f"wrote {args.out}")
+
+
+def cmd_figure(params: Params, args) -> None:
+    from segrepro.figures import draw_figure
+
+    paper, spec = params.figure(args.name)
+    scale = args.scale or params.workflow["scale"]
+    seed = args.seed if args.seed is not None else params.workflow["seeds"][0]
+    config = params.resolve(paper, spec["experiment"], scale, args.dataset or params.workflow["dataset"], seed)
+    out = args.out or paths.figure_path(args.name)
+    draw_figure(spec, config, out)
+    print(f"wrote {out}")
+
+
 def cmd_config(params: Params, args) -> None:
     yaml.safe_dump(_resolve(params, args), sys.stdout, sort_keys=False)
 
@@ -149,6 +201,7 @@ def cmd_tracking_init(params: Params, args) -> None:
 
 COMMANDS = {
     "prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "table": cmd_table,
+    "pyramids": cmd_pyramids, "pyramid-stats": cmd_pyramid_stats, "figure": cmd_figure,
     "config": cmd_config, "list": cmd_list, "tracking-init": cmd_tracking_init,
 }
 

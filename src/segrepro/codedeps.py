@@ -17,6 +17,8 @@ STAGES = {
     "train": "segrepro.train",
     "evaluate": "segrepro.evaluate",
     "table": "segrepro.tables",
+    "pyramids": "segrepro.pyramid_store",
+    "figure": "segrepro.figures",
 }
 
 

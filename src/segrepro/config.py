@@ -41,11 +41,12 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-def validate(instance: dict, schema: dict, where: str) -> None:
-    """Validate against a JSON schema; the first error becomes one line naming the key."""
+def validate(instance: dict, schema: dict, where: str, prefix: str = "") -> None:
+    """Validate against a JSON schema; the first error becomes one line naming the key (under
+    `prefix`, the instance's own key in its file)."""
     err = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(instance))
     if err is not None:
-        key = ".".join(str(part) for part in err.absolute_path) or "(top level)"
+        key = ".".join([prefix] * bool(prefix) + [str(part) for part in err.absolute_path]) or "(top level)"
         raise SegreproError(f"{where}: {key}: {err.message}")
 
 
@@ -113,6 +114,16 @@ class Params:
 
     def table_names(self) -> list[str]:
         return [t for registry in self.papers.values() for t in registry["tables"]]
+
+    def figure(self, name: str) -> tuple[str, dict]:
+        """(paper, spec) of a figure name such as 'saf_levels_per_class'."""
+        for paper, registry in self.papers.items():
+            if name in registry.get("figures", {}):
+                return paper, registry["figures"][name]
+        raise SegreproError(f"unknown figure '{name}' (known: {', '.join(self.figure_names())})")
+
+    def figure_names(self) -> list[str]:
+        return [f for registry in self.papers.values() for f in registry.get("figures", {})]
 
     def tables_using(self, paper: str, experiment: str) -> list[str]:
         return [
@@ -189,6 +200,7 @@ def load_params(root: Path | str = ".", workflow: dict | None = None) -> Params:
         registry = read_yaml(path)
         validate(registry, params_schema["$defs"]["paper"] | {"$defs": params_schema["$defs"]},
                  f"params/papers/{path.name}")
+        _validate_models(registry, params_schema, f"params/papers/{path.name}")
         papers[path.stem] = registry
 
     params = Params(root=root, workflow=workflow, scales=scales, datasets=datasets, papers=papers)
@@ -197,6 +209,23 @@ def load_params(root: Path | str = ".", workflow: dict | None = None) -> Params:
         params.dataset(workflow["dataset"])
     _check_cross_references(params)
     return params
+
+
+def _validate_models(registry: dict, params_schema: dict, where: str) -> None:
+    """Check every `model` section of a paper against its family's definition, so that a
+    misspelt head option of an experiment fails with the experiment's name."""
+    family = registry["model"]["family"]
+    schema = params_schema["$defs"][f"{family}_model"] | {"$defs": params_schema["$defs"]}
+    sections = [("model", registry["model"])]
+    sections += [(f"scales.{scale}.model", layer.get("model")) for scale, layer in registry.get("scales", {}).items()]
+    for name, experiment in registry["experiments"].items():
+        experiment = experiment or {}
+        sections.append((f"experiments.{name}.model", experiment.get("model")))
+        sections += [(f"experiments.{name}.scales.{scale}.model", layer.get("model"))
+                     for scale, layer in experiment.get("scales", {}).items()]
+    for key, section in sections:
+        if section is not None:
+            validate(section, schema, where, prefix=key)
 
 
 def _from_command_line(workflow: dict) -> dict:
@@ -219,6 +248,9 @@ def _check_cross_references(params: Params) -> None:
     for name, scale in params.scales.items():
         if scale["dataset"] not in params.datasets:
             raise SegreproError(f"params/scales.yaml: {name}.dataset: unknown dataset '{scale['dataset']}'")
+    for name, dataset in params.datasets.items():
+        if dataset["kind"] == "subset" and dataset["source"] not in params.datasets:
+            raise SegreproError(f"params/datasets.yaml: {name}.source: unknown dataset '{dataset['source']}'")
     seen_tables: dict[str, str] = {}
     for paper, registry in params.papers.items():
         for table, spec in registry["tables"].items():
@@ -232,3 +264,9 @@ def _check_cross_references(params: Params) -> None:
                         f"unknown experiment ID '{row['experiment']}'"
                     )
             check_table_spec(table, spec)
+        for figure, spec in registry.get("figures", {}).items():
+            if spec["experiment"] not in registry["experiments"]:
+                raise SegreproError(
+                    f"params/papers/{paper}.yaml: figures.{figure} names unknown experiment ID "
+                    f"'{spec['experiment']}'"
+                )

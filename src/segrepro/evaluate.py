@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from segrepro import atomic, inference, tracking
+from segrepro import atomic, inference, paths, tracking
 from segrepro.data import SegmentationDataset
 from segrepro.errors import SegreproError
 from segrepro.provenance import git_commit
@@ -56,6 +56,14 @@ def evaluate_run(config: dict, model_path: Path, protocol: str, output: Path,
         "backbone": describe_backbone(config["model"]["backbone"]),
         "iterations": config["train"]["iterations"],
     }
+    if protocol == "ss" and getattr(model, "is_pyramidal", False):
+        # SaF: the unity head against the precomputed pyramids, Table 9 and Fig. 3 (Sec. 5.5).
+        from segrepro.saf_analysis import analyse_levels
+
+        metrics["levels"] = analyse_levels(
+            model, dataset, paths.pyramid_dir(config["dataset"]["name"], split), dev,
+            base_size=settings.get("base_size"),
+        )
     if dev.type == "cuda":
         metrics["eval_peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     atomic.write_text(output, json.dumps(metrics, indent=1) + "\n")
@@ -63,6 +71,9 @@ def evaluate_run(config: dict, model_path: Path, protocol: str, output: Path,
     with tracking.Run(Path(model_path).parent, config) as mlrun:
         mlrun.log_metrics({f"{protocol}_{key}": metrics[key] for key in ("miou", "pixel_acc", "mean_acc")
                            if metrics[key] is not None})
+        for level in metrics.get("levels", {}).get("unity", []):
+            mlrun.log_metrics({f"unity_s{level['stride']}_{key}": level[key]
+                               for key in ("precision", "recall") if level[key] is not None})
         mlrun.log_artifact(Path(output))
         per_class = Path(output).with_suffix(".per_class_iou.csv")
         atomic.write_text(per_class, "class,iou\n" + "".join(

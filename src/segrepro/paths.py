@@ -26,3 +26,12 @@ def metrics_path(scale, dataset, paper, experiment, seed, protocol) -> Path:
 
 def table_path(table: str) -> Path:
     return RESULTS / "tables" / f"{table}.md"
+
+
+def pyramid_dir(dataset: str, split: str) -> Path:
+    """The precomputed pyramidal ground truth of a split: one {image_id}.npz per image."""
+    return RESULTS / "pyramids" / dataset / split
+
+
+def figure_path(figure: str) -> Path:
+    return RESULTS / "figures" / f"{figure}.png"

@@ -90,6 +90,10 @@ def check_table_spec(name: str, spec: dict) -> None:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise SegreproError(f"{where}: row {row['label']!r}: paper {metric} is not a number: {value!r}")
 
+    _check_grid(where, spec)
+    if spec.get("kind", "rows") == "level_matrix" and len(rows) != 1:
+        raise SegreproError(f"{where}: a level_matrix table analyses exactly one experiment, got {len(rows)} rows")
+
     claims = spec.get("claims", []) or []
     if not isinstance(claims, list):
         raise SegreproError(f"{where}: 'claims' must be a list")
@@ -122,6 +126,47 @@ def check_table_spec(name: str, spec: dict) -> None:
                 raise SegreproError(f"{where}: claim {text!r}: {err}") from None
             if key not in keys:
                 raise SegreproError(f"{where}: claim {text!r} refers to {ref!r}, which is not a row of the table")
+
+
+def _check_grid(where: str, spec: dict) -> None:
+    """A grid view needs every row to name one distinct (grid row, grid column) cell."""
+    grid = spec.get("grid")
+    if grid is None:
+        return
+    taken = set()
+    for row in spec["rows"]:
+        cell = tuple(row.get("cell") or ())
+        if len(cell) != 2 or cell[0] not in grid["rows"] or cell[1] not in grid["columns"]:
+            raise SegreproError(
+                f"{where}: row {row['label']!r} needs a 'cell' [grid row, grid column] from "
+                f"{grid['rows']} x {grid['columns']}, got {list(cell)}"
+            )
+        if cell in taken:
+            raise SegreproError(f"{where}: two rows fill grid cell {list(cell)}")
+        taken.add(cell)
+
+
+def _grid_lines(spec: dict, stats: dict, paper: dict, order: list[str]) -> list[str]:
+    """The table as the paper prints it: one cell per row of the spec, "ours (paper)"."""
+    grid, metric = spec["grid"], spec["metrics"][0]
+    cells = {tuple(row["cell"]): key for row, key in zip(spec["rows"], order)}
+    lines = [
+        f"{metric_name(metric)}, ours (paper):",
+        "",
+        "| | " + " | ".join(_cell(c) for c in grid["columns"]) + " |",
+        "|---|" + ":---:|" * len(grid["columns"]),
+    ]
+    for grid_row in grid["rows"]:
+        values = []
+        for column in grid["columns"]:
+            key = cells.get((grid_row, column))
+            if key is None:
+                values.append(MISSING)
+                continue
+            experiment = key.split("@")[0]
+            values.append(f"{experiment}: {_fmt(stats[key][metric][0])} ({_fmt(paper[key].get(metric))})")
+        lines.append(f"| {_cell(grid_row)} | " + " | ".join(values) + " |")
+    return lines + [""]
 
 
 def _fmt(value: float) -> str:
@@ -294,7 +339,10 @@ def build_table(name: str, spec: dict, results: dict[str, list[dict]], header: d
     ]
     if header.get("note"):
         text += ["", str(header["note"])]
-    text += ["", *table, *lines]
+    text.append("")
+    if spec.get("grid"):
+        text += _grid_lines(spec, stats, paper, order)
+    text += [*table, *lines]
     claims = spec.get("claims") or []
     if claims:
         text += ["", "## Claims", ""]
@@ -361,5 +409,16 @@ def write_paper_table(params, name: str, scale: str, dataset: str | None, seeds:
         + ("." if scale == "paper" else "; Δ compares different data and model sizes, the claims compare"
            " our rows with each other."),
     }
+    if spec.get("kind") == "level_matrix":
+        from segrepro.saf_analysis import write_level_table
+
+        missing = [run for run in runs if "levels" not in run]
+        if missing:
+            raise SegreproError(
+                f"table {name!r}: the metrics of {missing[0]['experiment']} (seed {missing[0]['seed']}) have no "
+                "per-level analysis: only a pyramidal model evaluated single-scale has one"
+            )
+        write_level_table(name, spec, [run["levels"] for run in runs], header, out)
+        return
     text, frame = build_table(name, spec, results, header)
     write_table(out, text, frame)

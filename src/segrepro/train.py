@@ -74,6 +74,13 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
     card = load_card(config["dataset"]["root"])
     torch.manual_seed(config["seed"])
     model = build_model(config["model"], card["num_classes"], card["ignore_index"]).to(dev)
+    coarsest = max(getattr(model, "strides", (1,)))
+    if settings["crop_size"] % coarsest:
+        # A pyramidal ground truth needs whole cells (SaF Sec. 3.1).
+        raise SegreproError(
+            f"{config['paper']}/{config['experiment']}: train.crop_size {settings['crop_size']} is not a "
+            f"multiple of the coarsest output stride {coarsest}"
+        )
     optimizer = torch.optim.SGD(
         model.parameters(), lr=settings["lr"], momentum=settings["momentum"],
         weight_decay=settings["weight_decay"],

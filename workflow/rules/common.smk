@@ -21,7 +21,8 @@ wildcard_constraints:
     scale=ID,
     paper=ID,
     experiment=ID,
-    table=ID,
+    table="|".join(PARAMS.table_names()),
+    figure="|".join(PARAMS.figure_names()) or ID,
     dataset=r"[A-Za-z0-9_.-]+",
     seed=r"\d+",
     protocol=r"[a-z][a-z0-9_]*",
@@ -56,6 +57,42 @@ def eval_settings(wildcards):
     }
 
 
+def pyramid_inputs(wildcards):
+    """The pyramidal ground truth of the val split, for the single-scale evaluation of a model
+    with a pyramidal output (the unity head's precision and recall, Table 9, Fig. 3)."""
+    config = run_config(wildcards)
+    pyramidal = config["model"].get("head", {}).get("output") == "pyramidal"
+    if pyramidal and wildcards.protocol == "ss":
+        return {"pyramids": str(paths.pyramid_dir(wildcards.dataset, "val"))}
+    return {}
+
+
+def eval_base_size():
+    """The size the single-scale protocol feeds the network (None: the image's own)."""
+    return PARAMS.scale(SCALE)["eval"].get("base_size")
+
+
+def pyramid_stats_inputs(wildcards):
+    dataset = PARAMS.dataset_name("saf", SCALE, DATASET)
+    return {"pyramids": str(paths.pyramid_dir(dataset, "val")), "dataset": str(paths.dataset_root(dataset) / "dataset.yaml")}
+
+
+def figure_inputs(wildcards):
+    """A figure reads the first seed's single-scale metrics and model of its experiment."""
+    paper, spec = PARAMS.figure(wildcards.figure)
+    dataset = PARAMS.dataset_name(paper, SCALE, DATASET)
+    run = (SCALE, dataset, paper, spec["experiment"], SEEDS[0])
+    return {"metrics": str(paths.metrics_path(*run, "ss")), "model": str(paths.model_path(*run))}
+
+
+def dataset_source(wildcards):
+    """A subset dataset is drawn from another prepared dataset: that one comes first."""
+    declaration = PARAMS.dataset(wildcards.dataset)
+    if declaration["kind"] == "subset":
+        return {"source": str(paths.dataset_root(declaration["source"]) / "dataset.yaml")}
+    return {}
+
+
 def dataset_declaration(wildcards):
     return PARAMS.dataset(wildcards.dataset)
 
@@ -83,5 +120,7 @@ def table_spec(wildcards):
     return PARAMS.table(wildcards.table)[1]
 
 
-def all_tables():
-    return [paths.table_path(name) for name in PARAMS.table_names()]
+def all_targets():
+    tables = [paths.table_path(name) for name in PARAMS.table_names()]
+    figures = [paths.figure_path(name) for name in PARAMS.figure_names()]
+    return tables + figures + ["results/tables/pyramid_stats.md"]

@@ -1,6 +1,7 @@
 rule prepare_dataset:
     """Generate (synthetic) or convert a dataset into data/{dataset} (uniform layout)."""
     input:
+        unpack(dataset_source),
         code=stage_sources("prepare"),
     output:
         "data/{dataset}/dataset.yaml",

@@ -1,6 +1,7 @@
 rule evaluate:
     """Evaluate a trained model with one test protocol (ss, ms, ...) into a metrics JSON."""
     input:
+        unpack(pyramid_inputs),
         model="results/runs/{scale}/{dataset}/{paper}/{experiment}/seed{seed}/model.pt",
         dataset=dataset_card,
         code=stage_sources("evaluate"),

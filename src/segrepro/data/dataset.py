@@ -2,6 +2,9 @@
 
 Layout (see segrepro.data.synthetic): <root>/dataset.yaml, images/<id><image_suffix>,
 labels/<id><label_suffix> (single-channel uint8, 255 = ignore), splits/<split>.txt.
+A card may name another folder holding images/ and labels/ (`data_root`, a path relative to
+<root>, e.g. `../ade20k` for a subset dataset that only has its own split lists); `image_root`
+gives the folder every reader must open images and labels from.
 
 Training randomness comes only from the sampler: the training dataset is indexed by
 (index, sample_seed) pairs, so a run resumed at iteration k sees exactly the batches and
@@ -10,6 +13,7 @@ augmentations of an uninterrupted run, whatever the number of loader workers.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +79,23 @@ def load_card(root) -> dict:
             raise bad(key, f"must be a file suffix like '.png', got {card[key]!r}")
     if not isinstance(card["splits"], dict):
         raise bad("splits", "must be a mapping of split name to image count")
+    if "data_root" in card:
+        data_root = card["data_root"]
+        if not isinstance(data_root, str) or not data_root.strip() or Path(data_root).is_absolute():
+            raise bad("data_root", f"must be a folder path relative to {path.parent}, got {data_root!r}")
     return card
+
+
+def image_root(root, card: dict) -> Path:
+    """The folder holding images/ and labels/ of the dataset at `root` with this card.
+
+    `data_root` is resolved lexically against `root` (so `../ade20k` means the sibling folder
+    data/ade20k, as `segrepro prepare` made it, even if `root` itself is a symlink).
+    """
+    root = Path(root)
+    if "data_root" not in card:
+        return root
+    return Path(os.path.normpath(root / card["data_root"]))
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -183,6 +203,7 @@ class SegmentationDataset(Dataset):
     def __init__(self, root, split: str, transform=None):
         self.root = Path(root)
         self.card = load_card(self.root)
+        self.data_root = image_root(self.root, self.card)
         self.split = split
         self.transform = transform
         self.num_classes = int(self.card["num_classes"])
@@ -209,10 +230,10 @@ class SegmentationDataset(Dataset):
         return ids
 
     def image_path(self, image_id: str) -> Path:
-        return self.root / "images" / f"{image_id}{self.card['image_suffix']}"
+        return self.data_root / "images" / f"{image_id}{self.card['image_suffix']}"
 
     def label_path(self, image_id: str) -> Path:
-        return self.root / "labels" / f"{image_id}{self.card['label_suffix']}"
+        return self.data_root / "labels" / f"{image_id}{self.card['label_suffix']}"
 
     def __len__(self) -> int:
         return len(self.ids)

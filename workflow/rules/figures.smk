@@ -1,0 +1,18 @@
+rule figure:
+    """A paper figure (PNG) drawn from one trained and evaluated run."""
+    input:
+        unpack(figure_inputs),
+        code=stage_sources("figure"),
+    output:
+        "results/figures/{figure}.png",
+    params:
+        dataset_option=f"--dataset {DATASET}" if DATASET else "",
+        seed=SEEDS[0],
+        scale=SCALE,
+    conda:
+        "../envs/segrepro.yaml"
+    log:
+        "logs/figures/{figure}.log",
+    shell:
+        "segrepro figure {wildcards.figure} --scale {params.scale} {params.dataset_option}"
+        " --seed {params.seed} --out {output} > {log} 2>&1"

@@ -1,0 +1,35 @@
+rule pyramids:
+    """Pyramidal ground truth of an evaluation split (SaF Sec. 3.1, App. B): one .npz per image."""
+    input:
+        dataset=dataset_card,
+        code=stage_sources("pyramids"),
+    output:
+        directory("results/pyramids/{dataset}/{split}"),
+    params:
+        base_size=eval_base_size(),
+        scale=SCALE,
+    conda:
+        "../envs/segrepro.yaml"
+    log:
+        "logs/pyramids/{dataset}/{split}.log",
+    shell:
+        "segrepro pyramids {wildcards.dataset} --split {wildcards.split} --scale {params.scale}"
+        " --out {output} > {log} 2>&1"
+
+
+rule pyramid_stats:
+    """How many cells of each level are unity, mix or ignore, and where each class is settled."""
+    input:
+        unpack(pyramid_stats_inputs),
+        code=stage_sources("pyramids"),
+    output:
+        "results/tables/pyramid_stats.md",
+    params:
+        dataset=PARAMS.dataset_name("saf", SCALE, DATASET),
+    localrule: True
+    conda:
+        "../envs/segrepro.yaml"
+    log:
+        "logs/tables/pyramid_stats.log",
+    shell:
+        "segrepro pyramid-stats {params.dataset} --split val --out {output} > {log} 2>&1"
