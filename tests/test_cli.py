@@ -61,6 +61,11 @@ UNKNOWN = {
                       "unknown paper 'nope_paper'"),
     "scale": (("config", "--paper", "pspnet", "--experiment", "fcn", "--scale", "nope_scale"),
               "unknown scale 'nope_scale'"),
+    "SaF experiment ID": (("train", "--paper", "saf", "--experiment", "L", "--scale", "tiny"),
+                          "unknown experiment ID 'L' of paper 'saf' (known: A, B, C, D, E, F, G, H, I, J, K,"),
+    "figure": (("figure", "nope_figure", "--scale", "tiny"), "unknown figure 'nope_figure'"),
+    "dataset (pyramids)": (("pyramids", "nope_data", "--scale", "tiny"), "unknown dataset 'nope_data'"),
+    "dataset (pyramid-stats)": (("pyramid-stats", "nope_data"), "unknown dataset 'nope_data'"),
 }
 
 

@@ -173,6 +173,23 @@ def test_bad_enum_in_a_paper(root):
     one_line_error(root, "model.head.pool.*median")
 
 
+@pytest.mark.parametrize("override, culprit", [
+    ({"experiments": {"G": {"model": {"head": {"contxt": "anl"}}}}}, "experiments.G.model.head.*contxt"),
+    ({"experiments": {"D": {"model": {"head": {"relabel": "oracle"}}}}}, "experiments.D.model.head.relabel.*oracle"),
+    ({"scales": {"demo": {"model": {"backbone": {"kind": "vit"}}}}}, "scales.demo.model.backbone.kind.*vit"),
+    # A PSPNet option under the SaF family is a wrong key too.
+    ({"model": {"aux": {"weight": 0.4}}}, "model.*aux"),
+])
+def test_saf_model_keys_are_checked_against_their_family(root, override, culprit):
+    edit_yaml(root / "params" / "papers" / "saf.yaml", override)
+    assert "saf.yaml" in one_line_error(root, culprit)
+
+
+def test_subset_of_an_unknown_dataset(root):
+    edit_yaml(root / "params" / "datasets.yaml", {"ade20k-ablation": {"source": "ade21k"}})
+    one_line_error(root, "ade20k-ablation.source.*unknown dataset 'ade21k'")
+
+
 def test_table_row_with_unknown_experiment(root):
     path = root / "params" / "papers" / "pspnet.yaml"
     registry = yaml.safe_load(path.read_text())
@@ -291,9 +308,22 @@ def test_experiments_have_distinct_training_hashes(params):
 
 # ----------------------------------------------------------------------------- code inputs
 
-def stage(name):
+def stage(name, family=None):
     src = REPO / "src"
-    return {str(Path(p).relative_to(src)) for p in codedeps.stage_sources(name, str(src))}
+    return {str(Path(p).relative_to(src)) for p in codedeps.stage_sources(name, family, source_root=str(src))}
+
+
+def test_stage_sources_of_one_model_family():
+    """A run depends on its own family's model code only."""
+    pspnet_train, saf_train = stage("train", "pspnet"), stage("train", "saf")
+    assert "segrepro/models/pspnet.py" in pspnet_train and "segrepro/models/pspnet.py" not in saf_train
+    assert not {"segrepro/models/specialize_fuse.py", "segrepro/pyramid.py"} & pspnet_train
+    assert {"segrepro/models/specialize_fuse.py", "segrepro/models/hrnet.py", "segrepro/pyramid.py",
+            "segrepro/models/losses.py"} <= saf_train
+    assert "segrepro/saf_analysis.py" in stage("evaluate", "saf")
+    assert "segrepro/saf_analysis.py" not in stage("evaluate", "pspnet")
+    # Without a family, a stage depends on every family's code.
+    assert pspnet_train | saf_train <= stage("train")
 
 
 def test_stage_sources():
@@ -309,7 +339,7 @@ def test_stage_sources():
     assert "segrepro/data/synthetic.py" in prepare and "segrepro/train.py" not in prepare
     for files in (table, train, evaluate, prepare):
         assert all((REPO / "src" / f).is_file() for f in files)
-    assert codedeps.stage_sources("train", str(REPO / "src")) == sorted(codedeps.stage_sources("train", str(REPO / "src")))
+    assert codedeps.stage_sources("train", source_root=str(REPO / "src")) == sorted(codedeps.stage_sources("train", source_root=str(REPO / "src")))
 
 
 def test_stage_sources_follow_lazy_and_relative_imports(tmp_path):
@@ -321,6 +351,6 @@ def test_stage_sources_follow_lazy_and_relative_imports(tmp_path):
     (pkg / "sub" / "helper.py").write_text("from segrepro import leaf\n")
     (pkg / "leaf.py").write_text("import os\n")
     (pkg / "unused.py").write_text("")
-    found = {Path(p).relative_to(tmp_path).as_posix() for p in codedeps.stage_sources("table", str(tmp_path))}
+    found = {Path(p).relative_to(tmp_path).as_posix() for p in codedeps.stage_sources("table", source_root=str(tmp_path))}
     assert found == {"segrepro/__init__.py", "segrepro/tables.py", "segrepro/sub/__init__.py",
                      "segrepro/sub/helper.py", "segrepro/leaf.py"}

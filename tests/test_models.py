@@ -10,7 +10,8 @@ from conftest import REPO
 from segrepro.config import deep_merge, load_params
 from segrepro.errors import SegreproError
 from segrepro.models import build_model
-from segrepro.models.pspnet import PSPNet, PyramidPooling, masked_cross_entropy
+from segrepro.models.losses import masked_cross_entropy
+from segrepro.models.pspnet import PSPNet, PyramidPooling
 
 NUM_CLASSES = 5
 

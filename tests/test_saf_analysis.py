@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from segrepro.errors import SegreproError
 from segrepro.inference import evaluate
 from segrepro.pyramid import Pyramid, fuse
-from segrepro.saf_analysis import (
-    analyse_levels,
+from segrepro.saf_analysis import analyse_levels
+from segrepro.saf_report import (
     levels_minus_fused,
     plot_levels_per_class,
     plot_pyramid_example,

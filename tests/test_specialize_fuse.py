@@ -138,3 +138,18 @@ def test_strides_must_end_at_the_backbone_stride(params):
 
     with pytest.raises(SegreproError, match="finest stride"):
         tiny_model(params, "I", strides=[32, 16, 8])
+
+
+def test_finest_level_per_pixel_variant_supervises_mix_cells(params):
+    """finest_target: pixels trains the finest level on every pixel outside done-by-coarser
+    cells, so a batch made only of stride-4 mix cells still has a semantic loss there."""
+    labels = torch.zeros(1, 64, 64, dtype=torch.long)
+    labels[:, :, 1::2] = 1  # stripes: every cell at every stride is a mix cell
+    images = torch.randn(1, 3, 64, 64)
+    losses = {}
+    for target in ("cells", "pixels"):
+        model = tiny_model(params, "F", finest_target=target).train()
+        _, parts = model.loss(model(images), labels)
+        losses[target] = parts["semantic"].item()
+    assert losses["cells"] == 0.0  # no valid cell at any level
+    assert losses["pixels"] > 0.0

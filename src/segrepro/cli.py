@@ -163,7 +163,7 @@ def cmd_pyramids(params: Params, args) -> None:
 
 
 def cmd_pyramid_stats(params: Params, args) -> None:
-    from segrepro.pyramid_store import write_pyramid_stats
+    from segrepro.pyramid_stats import write_pyramid_stats
 
     params.dataset(args.dataset)
     write_pyramid_stats(paths.pyramid_dir(args.dataset, args.split), paths.dataset_root(args.dataset), args.out)

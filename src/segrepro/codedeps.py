@@ -18,7 +18,15 @@ STAGES = {
     "evaluate": "segrepro.evaluate",
     "table": "segrepro.tables",
     "pyramids": "segrepro.pyramid_store",
+    "pyramid_stats": "segrepro.pyramid_stats",
     "figure": "segrepro.figures",
+}
+
+# The modules only one model family's runs need. A run of another family does not follow their
+# imports, so editing the SaF model does not rerun PSPNet's trainings, and the other way round.
+FAMILY_MODULES = {
+    "pspnet": ("segrepro.models.pspnet",),
+    "saf": ("segrepro.models.specialize_fuse", "segrepro.saf_analysis"),
 }
 
 
@@ -50,15 +58,19 @@ def _imported_modules(path: Path, module: str) -> set[str]:
 
 
 @cache
-def stage_sources(stage: str, source_root: str = "src") -> list[str]:
+def stage_sources(stage: str, family: str | None = None, source_root: str = "src") -> list[str]:
     """Sorted paths (under `source_root`) of every package module the stage's entry module imports,
-    itself and the packages' __init__ files included."""
+    itself and the packages' __init__ files included. With a model `family`, the modules only other
+    families need are left out (unless this family's code imports them too)."""
     root = Path(source_root)
+    others = {m for name, modules in FAMILY_MODULES.items() if name != family for m in modules}
+    if family is None:
+        others = set()
     pending, seen = [STAGES[stage]], {}
     while pending:
         module = pending.pop()
         path = _module_file(root, module)
-        if path is None or module in seen:
+        if path is None or module in seen or module in others:
             continue
         seen[module] = path
         parents = [".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)]

@@ -11,7 +11,7 @@ from segrepro.errors import SegreproError
 def draw_figure(spec: dict, config: dict, out: Path) -> None:
     """Draw the figure `spec` (kind, experiment, ...) of the run `config` into the PNG `out`."""
     from segrepro.data import SegmentationDataset
-    from segrepro.saf_analysis import plot_levels_per_class, plot_pyramid_example
+    from segrepro.saf_report import plot_levels_per_class, plot_pyramid_example
     from segrepro.tables import load_metrics
 
     run = (config["scale"], config["dataset"]["name"], config["paper"], config["experiment"], config["seed"])

@@ -133,22 +133,23 @@ def _reduce_last(x: Tensor, factor: int, op) -> Tensor:
     return out
 
 
-def _block_reduce(x: Tensor, factor: int, op, add: int = 0) -> Tensor:
-    """Reduce (B, h, w) over factor x factor blocks of (x + add) -> contiguous (B, h/f, w/f).
+def _block_reduce(x: Tensor, factor: int, op, key=None) -> Tensor:
+    """Reduce (B, h, w) over factor x factor blocks of key(x) -> contiguous (B, h/f, w/f).
 
     Same result as op over dims (2, 4) of the view (B, h/f, f, w/f, f), but done as rows then
     columns. Rows: op over whole contiguous rows, elementwise and vectorised; a reduction over
-    the small middle dim (amin(dim=2)) is as fast for f = 4 but 20x slower for f = 2 on the CPU.
-    Reducing the 5-D view directly takes 8.7 ms for 16x512x512 uint8 (1 thread) against 0.25 ms.
-    `add` is applied row by row, which saves a full-resolution temporary (~10% of the total).
+    the small middle dim (amin(dim=2)) is as fast for f = 4 on uint8 but 20x slower for f = 2
+    and 100x slower on int64. Reducing the 5-D view directly takes 8.7 ms for 16x512x512 uint8
+    (1 thread) against 0.25 ms here. `key` (elementwise) is applied row by row, which avoids a
+    full-resolution temporary (~10% faster for uint8; a 32 MB int64 one costs ~20 ms to allocate).
     """
     if factor == 1:
-        return x + add if add else x
+        return key(x) if key else x
     b, h, w = x.shape
     blocks = x.view(b, h // factor, factor, w)
 
     def row(i: int) -> Tensor:
-        return blocks[:, :, i] + add if add else blocks[:, :, i]
+        return key(blocks[:, :, i]) if key else blocks[:, :, i]
 
     rows = op(row(0), row(1))
     for i in range(2, factor):
@@ -164,18 +165,20 @@ def _finest_stats(labels: Tensor, stride: int, ignore_index: int) -> tuple[Tenso
         # uint8 wrap-around in mxp: ignore (255) + 1 -> 0, class c -> c + 1.
         mn = _block_reduce(keys, stride, torch.minimum)
         mxr = _block_reduce(keys, stride, torch.maximum)
-        mxp = _block_reduce(keys, stride, torch.maximum, add=1)
+        mxp = _block_reduce(keys, stride, torch.maximum, key=lambda r: r + 1)
         return mn, mxr, mxp, 255
-    valid = labels != ignore_index
-    lab = labels.long()
-    if bool(((lab < 0) & valid).any()):
+    if labels.numel() and int(labels.min()) < 0 and bool(((labels < 0) & (labels != ignore_index)).any()):
         raise PyramidError(f"labels contain negative class ids (ignore_index is {ignore_index})")
-    # torch.where rather than masked_fill: masked_fill is ~30x slower on large CPU tensors.
-    keys_min = torch.where(valid, lab, _BIG)
-    keys_plus = torch.where(valid, lab + 1, 0)
-    mn = _block_reduce(keys_min, stride, torch.minimum)
-    mxr = _block_reduce(keys_min, stride, torch.maximum)
-    mxp = _block_reduce(keys_plus, stride, torch.maximum)
+
+    def key_min(r: Tensor) -> Tensor:
+        return torch.where(r != ignore_index, r.long(), _BIG)
+
+    def key_plus(r: Tensor) -> Tensor:
+        return torch.where(r != ignore_index, r.long() + 1, 0)
+
+    mn = _block_reduce(labels, stride, torch.minimum, key=key_min)
+    mxr = _block_reduce(labels, stride, torch.maximum, key=key_min)
+    mxp = _block_reduce(labels, stride, torch.maximum, key=key_plus)
     return mn, mxr, mxp, _BIG
 
 
@@ -190,8 +193,8 @@ def _fast_keys(labels: Tensor, ignore_index: int) -> Tensor | None:
     lo, hi = torch.aminmax(labels)
     if int(lo) < 0 or int(hi) > 255:
         return None
-    # Narrowing first is cheaper than masking int64 keys: measured 2.7 ms vs 13 ms for a
-    # 16x512x512 int64 batch, 1 thread (see benchmarks/pyramid_gt.py).
+    # Narrowing (one range check + one copy) beats masked int64 keys by ~10x: whole pyramid
+    # ~6-7 ms vs ~70 ms for a 16x512x512 int64 batch on 1 CPU thread.
     return labels.to(torch.uint8)
 
 
@@ -201,6 +204,7 @@ def _cell_targets(mn: Tensor, mxr: Tensor, mxp: Tensor, hi: int, ignore_index: i
     unity: no ignore pixel and a single class      -> U = 1,      Y = the class
     mix:   at least two valid classes               -> U = 0,      Y = ignore
     else:  one class + ignore, or all ignore         -> U = ignore, Y = ignore
+    (All-ignore cells: paper silent; default (notes-saf.md sec. 1): both ignore.)
     Arithmetic instead of torch.where: where is not vectorised for uint8 on the CPU (0.18 ms vs
     ~0.01 ms per op on 16x128x128).
     """
@@ -221,7 +225,9 @@ def pyramid_targets(
     labels: (B, H, W) integer tensor (uint8 or int64, any device), ignore_index = don't care;
     H and W must be multiples of max(strides). strides: coarse -> fine, each dividing the previous.
     Returns (semantic, unity): two lists of L int64 tensors (B, H/s, W/s), coarse -> fine.
-    The finest level uses the same cell rule as the others (notes-saf.md sec. 1 default "literal").
+    The finest level uses the same cell rule as the others (paper ambiguous; default
+    (notes-saf.md sec. 1): the literal reading of Sec. 3.1 / Eq. 1).
+    Built once from the pixels at the finest stride, then coarser levels by merging children.
     """
     strides = _check_strides(strides)
     if labels.dim() != 3:
@@ -271,7 +277,9 @@ def relabel(
       true_positive  trigger^(k) = (U^(k) == 1) & (p^(k) >= tau): descendants of correctly
                      predicted unity cells only (ablation F, the paper's method).
     done^(l) = OR_{k<l} Up(trigger^(k)); done cells get Y = ignore and, for l < L, U = ignore.
-    The triggering cell keeps its own labels; mix, ignore and false-negative cells never trigger.
+    The triggering cell keeps its own labels; mix, ignore and false-negative cells never trigger
+    (App. B). The finest unity map, if given, is returned unchanged: level L has no unity term.
+    Training threshold: paper silent; default (notes-saf.md sec. 2): tau = 0.9, the inference value.
     Returns new lists (inputs untouched) with the same shapes.
     """
     if policy not in POLICIES:

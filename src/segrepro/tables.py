@@ -274,6 +274,24 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
+def header_lines(name: str, spec: dict, header: dict) -> list[str]:
+    """The title and the provenance block every table starts with."""
+    commits = header.get("commits", header.get("commit"))
+    lines = [
+        f"# {name}: {spec['title']}",
+        "",
+        f"- Dataset: {_fmt_header_value(header['dataset'])}",
+        f"- Scale: {_fmt_header_value(header['scale'])}",
+        f"- Backbone: {_fmt_header_value(header['backbone'])}",
+        f"- Iterations: {_fmt_header_value(header['iterations'])}",
+        f"- Seeds: {_fmt_header_value(header['seeds'])}",
+        f"- Commit: {_fmt_header_value(commits)}",
+    ]
+    if header.get("note"):
+        lines += ["", str(header["note"])]
+    return lines
+
+
 def build_table(name: str, spec: dict, results: dict[str, list[dict]], header: dict) -> tuple[str, pd.DataFrame]:
     """Render one paper table as Markdown and as a DataFrame (the CSV beside the .md).
 
@@ -326,20 +344,7 @@ def build_table(name: str, spec: dict, results: dict[str, list[dict]], header: d
         columns += [f"{display} paper", f"{display} ours", f"{display} Δ"]
     table = ["| " + " | ".join(columns) + " |", "|" + "|".join(["---"] + [":---:"] * (len(columns) - 1)) + "|"]
 
-    commits = header.get("commits", header.get("commit"))
-    text = [
-        f"# {name}: {spec['title']}",
-        "",
-        f"- Dataset: {_fmt_header_value(header['dataset'])}",
-        f"- Scale: {_fmt_header_value(header['scale'])}",
-        f"- Backbone: {_fmt_header_value(header['backbone'])}",
-        f"- Iterations: {_fmt_header_value(header['iterations'])}",
-        f"- Seeds: {_fmt_header_value(header['seeds'])}",
-        f"- Commit: {_fmt_header_value(commits)}",
-    ]
-    if header.get("note"):
-        text += ["", str(header["note"])]
-    text.append("")
+    text = header_lines(name, spec, header) + [""]
     if spec.get("grid"):
         text += _grid_lines(spec, stats, paper, order)
     text += [*table, *lines]
@@ -410,7 +415,7 @@ def write_paper_table(params, name: str, scale: str, dataset: str | None, seeds:
            " our rows with each other."),
     }
     if spec.get("kind") == "level_matrix":
-        from segrepro.saf_analysis import write_level_table
+        from segrepro.saf_report import write_level_table
 
         missing = [run for run in runs if "levels" not in run]
         if missing:

@@ -21,7 +21,7 @@ wildcard_constraints:
     scale=ID,
     paper=ID,
     experiment=ID,
-    table="|".join(PARAMS.table_names()),
+    table=r"(?!pyramid_stats$)[A-Za-z0-9_]+",  # pyramid_stats.md has a rule of its own
     figure="|".join(PARAMS.figure_names()) or ID,
     dataset=r"[A-Za-z0-9_.-]+",
     seed=r"\d+",
@@ -30,6 +30,15 @@ wildcard_constraints:
 
 onstart:
     shell("segrepro tracking-init")
+
+
+def family_code(stage):
+    """The source files a stage runs for the model family of the job's paper."""
+
+    def sources(wildcards):
+        return stage_sources(stage, PARAMS.paper(wildcards.paper)["model"]["family"])
+
+    return sources
 
 
 def run_config(wildcards):

@@ -4,7 +4,7 @@ rule evaluate:
         unpack(pyramid_inputs),
         model="results/runs/{scale}/{dataset}/{paper}/{experiment}/seed{seed}/model.pt",
         dataset=dataset_card,
-        code=stage_sources("evaluate"),
+        code=family_code("evaluate"),
     output:
         "results/metrics/{scale}/{dataset}/{paper}/{experiment}/seed{seed}/{protocol}.json",
     params:

@@ -21,7 +21,7 @@ rule pyramid_stats:
     """How many cells of each level are unity, mix or ignore, and where each class is settled."""
     input:
         unpack(pyramid_stats_inputs),
-        code=stage_sources("pyramids"),
+        code=stage_sources("pyramid_stats"),
     output:
         "results/tables/pyramid_stats.md",
     params:

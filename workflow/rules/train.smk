@@ -2,7 +2,7 @@ rule train:
     """Train one experiment (a GPU job at paper scale; resumes from its last checkpoint)."""
     input:
         dataset=dataset_card,
-        code=stage_sources("train"),
+        code=family_code("train"),
     output:
         "results/runs/{scale}/{dataset}/{paper}/{experiment}/seed{seed}/model.pt",
     params:

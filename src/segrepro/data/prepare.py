@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -128,7 +127,7 @@ def draw_subset(ids: list[str], sizes: dict[str, int], seed: int) -> dict[str, l
 
 def prepare_subset(name: str, declaration: dict, root: Path) -> Path:
     """Write the subset dataset `name` at `root` (split lists and card only; see module docstring)."""
-    from segrepro.data.synthetic import _check_replaceable, _swap_into_place
+    from segrepro.data.synthetic import _check_replaceable
 
     root = Path(root)
     source, from_split, sizes, seed = _subset_args(name, declaration)
@@ -162,12 +161,8 @@ def prepare_subset(name: str, declaration: dict, root: Path) -> Path:
 
     data_root = Path(os.path.relpath(image_root(source_root, source_card), root)).as_posix()
     _check_replaceable(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        (tmp / "splits").mkdir(parents=True)
+    with atomic.build_directory(root) as tmp:
+        (tmp / "splits").mkdir()
         for split, split_ids in splits.items():
             (tmp / "splits" / f"{split}.txt").write_text("".join(f"{i}\n" for i in split_ids))
         card = {
@@ -190,8 +185,4 @@ def prepare_subset(name: str, declaration: dict, root: Path) -> Path:
         }
         # The card last, the folder renamed into place at the end: never a root that looks complete.
         (tmp / CARD_NAME).write_text(yaml.safe_dump(card, sort_keys=False))
-        _swap_into_place(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root

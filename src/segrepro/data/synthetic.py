@@ -21,13 +21,13 @@ Each image is a pure function of (seed, split, index), so regenerating gives ide
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import yaml
 from PIL import Image
 
+from segrepro import atomic
 from segrepro.errors import SegreproError
 
 CLASS_NAMES = (
@@ -476,11 +476,7 @@ def generate_dataset(root, name: str, seed: int, width: int, height: int,
     root = Path(root)
     _check_args(root, name, seed, width, height, train, val)
     _check_replaceable(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    with atomic.build_directory(root) as tmp:
         for sub in ("images", "labels", "splits"):
             (tmp / sub).mkdir(parents=True)
         for split, count in (("train", train), ("val", val)):
@@ -513,18 +509,4 @@ def generate_dataset(root, name: str, seed: int, width: int, height: int,
             },
         }
         (tmp / "dataset.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
-        _swap_into_place(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
-
-
-def _swap_into_place(tmp: Path, root: Path) -> None:
-    if root.exists():
-        old = root.parent / f".{root.name}.old-{os.getpid()}"
-        os.rename(root, old)
-        os.rename(tmp, root)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, root)

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from segrepro.models.backbone import Backbone
+from segrepro.models.losses import masked_cross_entropy
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
@@ -112,9 +113,3 @@ class PSPNet(nn.Module):
             parts["aux"] = masked_cross_entropy(outputs["aux"], labels, self.ignore_index)
             total = total + self.aux_weight * parts["aux"]
         return total, parts
-
-
-def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Mean cross-entropy over non-ignored pixels; 0 (not NaN) when a batch has none."""
-    total = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
-    return total / (labels != ignore_index).sum().clamp(min=1)

@@ -25,13 +25,20 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from segrepro.errors import SegreproError
 from segrepro.models.hrnet import build_feature_extractor
-from segrepro.models.pspnet import masked_cross_entropy
-from segrepro.pyramid import Pyramid, fuse, pyramid_loss, pyramid_targets, relabel
+from segrepro.models.losses import masked_cross_entropy
+from segrepro.pyramid import (
+    Pyramid,
+    fuse,
+    pyramid_loss,
+    pyramid_targets,
+    relabel,
+    upsample_nearest,
+)
 
 
 def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -217,6 +224,7 @@ class SpecializeFuse(nn.Module):
         self.tau = float(head["tau"])
         self.train_tau = float(head["train_tau"])
         self.relabel_policy = head["relabel"]
+        self.finest_target = head["finest_target"]
         self.aux_weight = float(head["aux_weight"])
         self.strides = tuple(sorted(head["strides"], reverse=True))
         self.features = build_feature_extractor(config["backbone"])
@@ -261,8 +269,7 @@ class SpecializeFuse(nn.Module):
             logits, _ = fuse(outputs["semantic"], [torch.sigmoid(u) for u in outputs["unity"]], self.tau)
         else:
             logits = outputs["semantic"][-1]
-        logits = F.interpolate(logits, size=padded.shape[-2:], mode="bilinear", align_corners=False)
-        return logits[:, :, :height, :width]
+        return self._upsample(logits, padded.shape[-2:])[:, :, :height, :width]
 
     def loss(self, outputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         semantic = outputs["semantic"]
@@ -279,11 +286,23 @@ class SpecializeFuse(nn.Module):
                                for y, t in zip(semantic[:-1], targets[:-1])]).mean()
             return main + self.aux_weight * aux, {"main": main, "aux": aux}
         probs = [torch.sigmoid(u.detach().float()) for u in outputs["unity"]]
+        finest_cells = targets[-1]
         targets, unity_targets = relabel(targets, unity_targets, probs, self.relabel_policy,
                                          self.train_tau, self.ignore_index)
+        if self.finest_target == "pixels":
+            # The other reading of Sec. 3.1 for the finest level: per-pixel CE on the upsampled
+            # logits (as HRNet trains), so that pixels of mix cells at stride 4 are supervised too;
+            # only the pixels of "done by coarser" cells are ignored.
+            done = (targets[-1] == self.ignore_index) & (finest_cells != self.ignore_index)
+            done = upsample_nearest(done, self.strides[-1])
+            targets[-1] = labels.masked_fill(done, self.ignore_index)
+            semantic = [*semantic[:-1], self._upsample(semantic[-1], labels.shape[-2:])]
         total, parts = pyramid_loss(semantic, outputs["unity"], targets, unity_targets, self.ignore_index)
         return total, parts
 
+    @staticmethod
+    def _upsample(logits: torch.Tensor, size) -> torch.Tensor:
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
     def _pixel_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        return masked_cross_entropy(upsampled, labels, self.ignore_index)
+        return masked_cross_entropy(self._upsample(logits, labels.shape[-2:]), labels, self.ignore_index)

@@ -1,0 +1,464 @@
+"""SaF reports drawn from `segrepro.saf_analysis` results: Table 9 (`write_level_table`), Fig. 3 /
+Fig. C (`plot_levels_per_class`) and Fig. A (`plot_pyramid_example`).
+
+Levels are ordered coarse -> fine in every list (index 0 = level 1 = coarsest); only the
+rendered Table 9 runs fine -> coarse, as the paper prints it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from segrepro import atomic
+from segrepro.data.dataset import IMAGENET_MEAN, IMAGENET_STD
+from segrepro.errors import SegreproError
+from segrepro.saf_analysis import (
+    check_model,
+    model_device,
+    pixels_from_finest,
+    run_pyramid,
+)
+from segrepro.tables import (
+    HEADER_KEYS,
+    MISSING,
+    _cell,
+    _fmt,
+    _fmt_header_value,
+    _within_spread,
+    header_lines,
+    write_table,
+)
+
+PAPER_STRIDES = (32, 16, 8, 4)  # Table 9 is for L = 4 levels of strides {32, 16, 8, 4} (Sec. 5.1.3)
+DEFAULT_CLAIM = "For every assignment level ℓ, the semantic level ℓ' = ℓ has the highest mIoU"
+CLIP = (-15.0, 1.0)  # App. E clips the Fig. C heatmaps to [-15 %, 1 %]
+DONE_COLOUR = (0.5, 0.5, 0.5)  # Fig. A: "done by coarser" cells are grey
+MIX_COLOUR = (1.0, 1.0, 1.0)  # mix cells not yet done: left to a finer level
+IGNORE_COLOUR = (0.0, 0.0, 0.0)
+
+
+# ----------------------------------------------------------------------------- Table 9
+
+def _seed_cell(values) -> tuple[float, float, int] | None:
+    """(mean, sample std, n) over the seeds where the value is defined; None if nowhere."""
+    arr = np.asarray([float(v) for v in values if v is not None], dtype=float)
+    if arr.size == 0:
+        return None
+    return float(arr.mean()), (float(arr.std(ddof=1)) if arr.size > 1 else float("nan")), int(arr.size)
+
+
+def _fmt_seeds(cell) -> str:
+    if cell is None:
+        return MISSING
+    mean, std, n = cell
+    return _fmt(mean) if n == 1 else f"{_fmt(mean)} ± {_fmt(std)}"
+
+
+def _lvl(level: int, stride: int, prime: str = "") -> str:
+    return f"ℓ{prime}={level} (s{stride})"
+
+
+def _check_level_spec(name: str, spec: dict) -> list[list[float]] | None:
+    where = f"table {name!r}"
+    if not isinstance(spec, dict):
+        raise SegreproError(f"{where}: the spec must be a mapping, got {type(spec).__name__}")
+    if not isinstance(spec.get("title"), str) or not spec["title"]:
+        raise SegreproError(f"{where}: missing 'title'")
+    if spec.get("kind", "level_matrix") != "level_matrix":
+        raise SegreproError(f"{where}: kind {spec['kind']!r} is not 'level_matrix'")
+    matrix = spec.get("paper_matrix")
+    if matrix is None:
+        return None
+    ok = isinstance(matrix, list) and matrix and all(isinstance(r, list) and len(r) == len(matrix) for r in matrix)
+    if not ok or not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+                         for r in matrix for v in r):
+        raise SegreproError(f"{where}: 'paper_matrix' must be a square list of lists of numbers")
+    paper_strides = spec.get("paper_strides", PAPER_STRIDES)
+    if not isinstance(paper_strides, (list, tuple)) or len(paper_strides) != len(matrix):
+        raise SegreproError(f"{where}: 'paper_strides' must list one stride per row of 'paper_matrix'")
+    return [[None if v is None else float(v) for v in r] for r in matrix]
+
+
+def _check_analyses(name: str, analyses: list[dict]) -> tuple[int, ...]:
+    if not analyses:
+        raise SegreproError(f"table {name!r}: no level analyses (one per seed) were given")
+    strides = None
+    for i, analysis in enumerate(analyses):
+        for key in ("strides", "level_by_assignment_miou", "assignment_share", "unity"):
+            if key not in analysis:
+                raise SegreproError(f"table {name!r}: analysis {i + 1} has no {key!r}")
+        these = tuple(int(s) for s in analysis["strides"])
+        if strides is not None and these != strides:
+            raise SegreproError(f"table {name!r}: analysis {i + 1} has strides {list(these)}, the first {list(strides)}")
+        strides = these
+        matrix = analysis["level_by_assignment_miou"]
+        if len(matrix) != len(strides) or any(len(row) != len(strides) for row in matrix):
+            raise SegreproError(f"table {name!r}: analysis {i + 1}: the level matrix is not"
+                                f" {len(strides)}x{len(strides)}")
+    return strides
+
+
+def _column_claim(column: int, strides, ours, paper, missing_note: str) -> tuple[bool, str]:
+    """One Markdown line: does semantic level l' = l win column l (Table 9 caption)?"""
+    L = len(strides)
+    head = f"{_lvl(column + 1, strides[column])}: ℓ'={column + 1} has the highest mIoU"
+    diag = ours[column][column]
+    others = [sem for sem in reversed(range(L)) if sem != column and ours[sem][column] is not None]
+    if diag is None:
+        holds, spread = False, False
+        evidence = f"no labelled pixel was assigned to ℓ={column + 1}"
+    elif not others:
+        holds, spread = True, False
+        evidence = f"ℓ'={column + 1} {_fmt(diag[0])}, no other level defined"
+    else:
+        # The strongest competitor; on a tie the finer row (printed first), so output is deterministic.
+        rival = max(others, key=lambda sem: ours[sem][column][0])
+        holds = diag[0] > ours[rival][column][0]
+        spread = _within_spread(diag, ours[rival][column])
+        evidence = (f"ℓ'={column + 1} {_fmt(diag[0])} vs {'next best' if holds else 'best'}"
+                    f" ℓ'={rival + 1} {_fmt(ours[rival][column][0])}")
+    if paper is None:
+        note = missing_note
+    else:
+        theirs = [paper[sem][column] for sem in range(L)]
+        if any(v is None for v in theirs):
+            note = "paper's numbers: incomplete"
+        else:
+            agree = all(theirs[column] > theirs[sem] for sem in range(L) if sem != column)
+            note = "paper's numbers agree" if agree else "paper's numbers disagree"
+    verdict = "✅ reproduced" if holds else "❌ not reproduced"
+    mark = " (within seed spread)" if spread else ""
+    return holds, f"- {verdict}: {head}{mark} — {evidence} ({note})"
+
+
+def _plot_matrices(ours, paper, strides, paper_strides, out_png: Path) -> None:
+    """Heatmap of our matrix (left) and the paper's (right), both printed fine -> coarse."""
+    from matplotlib.figure import Figure
+
+    def grid(matrix):
+        n = len(matrix)
+        return np.array([[np.nan if matrix[r][c] is None else matrix[r][c] for c in reversed(range(n))]
+                         for r in reversed(range(n))], dtype=float)
+
+    panels = [("ours (mean over seeds)", grid(ours), strides)]
+    if paper is not None:
+        panels.append((f"paper (L={len(paper)})", grid(paper), paper_strides))
+    values = np.concatenate([g.ravel() for _, g, _ in panels])
+    finite = values[np.isfinite(values)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 100.0)
+    if vmax <= vmin:
+        vmin, vmax = vmin - 1.0, vmax + 1.0
+
+    fig = Figure(figsize=(4.6 * len(panels) + 1.2, 4.6), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    image = None
+    for ax, (title, g, panel_strides) in zip(axes, panels):
+        n = len(g)
+        image = ax.imshow(np.ma.masked_invalid(g), cmap="viridis", vmin=vmin, vmax=vmax)
+        labels = [f"{n - i} (s{panel_strides[n - 1 - i]})" for i in range(n)]
+        ax.set_xticks(range(n), labels, fontsize=8)
+        ax.set_yticks(range(n), labels, fontsize=8)
+        ax.set_xlabel("assignment level ℓ (unity pyramid)")
+        ax.set_ylabel("semantic level ℓ'")
+        ax.set_title(title)
+        middle = (vmin + vmax) / 2
+        for r in range(n):
+            for c in range(n):
+                v = g[r, c]
+                text = MISSING if math.isnan(v) else f"{v:.1f}"
+                colour = "black" if not math.isnan(v) and v > middle else "white"
+                ax.text(c, r, text, ha="center", va="center", fontsize=9, color=colour,
+                        fontweight="bold" if r == c else "normal")
+    fig.colorbar(image, ax=list(axes), label="mIoU (%)")
+    fig.suptitle("Table 9: mIoU of semantic level ℓ' on the pixels assigned to level ℓ")
+    _save_figure(fig, out_png)
+
+
+def write_level_table(name: str, spec: dict, analyses: list[dict], header: dict, out_md) -> None:
+    """Write Table 9 (Sec. 5.5) as Markdown, a long-format CSV and a heatmap PNG beside it.
+
+    `analyses` holds one `analyse_levels` result per seed; cells are means over the seeds.
+    `spec` = {title, kind: level_matrix, rows: [...], paper_matrix: [[...]], optional claim};
+    the paper's matrix is printed with rows ℓ' and columns ℓ from fine (ℓ = 4) to coarse
+    (ℓ = 1), and ours is rendered the same way. `header` has the keys of tables.build_table.
+    The CSV and the PNG are written before the .md, so the .md implies both are complete.
+    """
+    paper_matrix = _check_level_spec(name, spec)
+    strides = _check_analyses(name, analyses)
+    missing_header = [k for k in HEADER_KEYS if k not in header]
+    if "commits" not in header and "commit" not in header:
+        missing_header.append("commits")
+    if missing_header:
+        raise SegreproError(f"table {name!r}: header lacks {', '.join(missing_header)}")
+    L = len(strides)
+    paper_strides = tuple(int(s) for s in spec.get("paper_strides", PAPER_STRIDES))
+    # The paper prints [l'=4..1][l=4..1]; re-index it coarse -> fine like ours. Its cells sit beside
+    # ours only when the run has the paper's levels.
+    paper_cf = None
+    if paper_matrix is not None:
+        n = len(paper_matrix)
+        paper_cf = [[paper_matrix[n - 1 - sem][n - 1 - level] for level in range(n)] for sem in range(n)]
+    paper = paper_cf if paper_cf is not None and strides == paper_strides else None
+    ours = [[_seed_cell(a["level_by_assignment_miou"][sem][level] for a in analyses) for level in range(L)]
+            for sem in range(L)]
+
+    # Matrix, fine -> coarse as in the paper; ours (paper) per cell, our column best in bold.
+    order = list(reversed(range(L)))
+    columns = ["ℓ' \\ ℓ"] + [_lvl(level + 1, strides[level]) for level in order]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(["---"] + [":---:"] * L) + "|"]
+    best = []
+    for level in range(L):
+        defined = [sem for sem in order if ours[sem][level] is not None]
+        best.append(max(defined, key=lambda sem: ours[sem][level][0]) if defined else None)
+    records = []
+    for sem in order:
+        cells = [_lvl(sem + 1, strides[sem], "'")]
+        for level in order:
+            cell, ref = ours[sem][level], None if paper is None else paper[sem][level]
+            text = _fmt_seeds(cell)
+            if best[level] == sem:
+                text = f"**{text}**"
+            cells.append(text if paper is None else f"{text} ({_fmt(ref)})")
+            records.append({
+                "semantic_level": sem + 1, "semantic_stride": strides[sem],
+                "assignment_level": level + 1, "assignment_stride": strides[level],
+                "ours_mean": float("nan") if cell is None else cell[0],
+                "ours_std": float("nan") if cell is None else cell[1],
+                "n_seeds": 0 if cell is None else cell[2],
+                "paper": float("nan") if ref is None else ref,
+            })
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+
+    n_seeds = len(analyses)
+    if paper is not None:
+        how = "the paper's value in parentheses"
+    elif paper_matrix is not None:
+        how = (f"the paper's matrix is for {len(paper_matrix)} levels (strides "
+               f"{', '.join(str(s) for s in paper_strides)}), this run has {L} (strides "
+               f"{', '.join(str(s) for s in strides)}): not shown per cell")
+    else:
+        how = "no paper values given"
+    explain = (
+        f"Cells: mIoU (%) of the semantic prediction of level ℓ' (rows) over the pixels that the predicted"
+        f" unity pyramid assigns to level ℓ (columns, Eq. 2), mean"
+        f"{' ± std' if n_seeds > 1 else ''} over {n_seeds} seed{'s' if n_seeds > 1 else ''}; {how}."
+        f" Level 1 is the coarsest (stride {strides[0]}); rows and columns run fine → coarse as in the paper;"
+        f" bold: our best row of each column."
+    )
+
+    # Claim of the Table 9 caption, judged column by column.
+    claim = str(spec.get("claim") or DEFAULT_CLAIM)
+    if paper_matrix is None:
+        missing_note = "no paper values"
+    else:
+        missing_note = (f"paper's matrix is for {len(paper_matrix)} levels, strides"
+                        f" {', '.join(str(s) for s in paper_strides)}: not comparable")
+    verdicts = [_column_claim(level, strides, ours, paper, missing_note) for level in order]
+    held = sum(ok for ok, _ in verdicts)
+    overall = "✅ reproduced" if held == L else "❌ not reproduced"
+    if paper is None:
+        paper_overall = missing_note
+    elif all(v is not None for row in paper for v in row):
+        agree = all(paper[c][c] > paper[s][c] for c in range(L) for s in range(L) if s != c)
+        paper_overall = "paper's numbers agree" if agree else "paper's numbers disagree"
+    else:
+        paper_overall = "paper's numbers: incomplete"
+    claims = [f"- {overall}: {claim} — {held} of {L} columns ({paper_overall})", *[line for _, line in verdicts]]
+
+    # Unity head and assignment shares, per level (same fine -> coarse order).
+    tau = analyses[0].get("tau")
+    unity_lines = [
+        "| Level | Stride | Pixels assigned (%) | Unity precision (%) | Unity recall (%) |",
+        "|---|:---:|:---:|:---:|:---:|",
+    ]
+    for level in order:
+        share = _seed_cell(a["assignment_share"][level] for a in analyses)
+        if level < L - 1:
+            entries = [next(u for u in a["unity"] if int(u["stride"]) == strides[level]) for a in analyses]
+            precision = _fmt_seeds(_seed_cell(u["precision"] for u in entries))
+            recall = _fmt_seeds(_seed_cell(u["recall"] for u in entries))
+        else:
+            precision = recall = f"{MISSING} (no unity head: every cell is unity)"
+        unity_lines.append(f"| {level + 1} | {strides[level]} | {_fmt_seeds(share)} | {precision} | {recall} |")
+
+    text = header_lines(name, spec, header)
+    text += ["", explain, "", *lines, "", "## Claims", "", *claims, "",
+             f"## Unity head and assignment (τ = {_fmt_header_value(tau)})", "",
+             ("Predicted unity cell: probability ≥ τ; precision and recall against the ground-truth unity"
+              " pyramid, don't-care cells excluded. Pixels assigned: share of labelled pixels fused from"
+              " each level."), "", *unity_lines]
+    out_md = Path(out_md)
+    means = [[None if cell is None else cell[0] for cell in row] for row in ours]
+    _plot_matrices(means, paper_cf, strides, paper_strides, out_md.with_suffix(".png"))
+    write_table(out_md, "\n".join(text) + "\n", pd.DataFrame.from_records(records))
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _save_figure(fig, out_png) -> None:
+    """Atomic PNG without a version stamp, so equal inputs give equal bytes."""
+    atomic.write_with(Path(out_png), lambda tmp: fig.savefig(tmp, format="png", dpi=100,
+                                                             metadata={"Software": None}))
+
+
+def _by_stride(mapping: dict, stride: int):
+    # JSON turns the int stride keys into strings; accept both.
+    return mapping[str(stride)] if str(stride) in mapping else mapping[stride]
+
+
+def levels_minus_fused(analyses: list[dict], class_names) -> tuple[list[int], np.ndarray]:
+    """(strides, D) with D[l, c] = IoU(level l) − IoU(fused) of class c in points, the mean over
+    the seeds where both are defined (NaN where none), unclipped; rows coarse -> fine (App. E)."""
+    if not analyses:
+        raise SegreproError("no level analyses were given")
+    names = list(class_names)
+    strides = [int(s) for s in analyses[0]["strides"]]
+    diff = np.full((len(analyses), len(strides), len(names)), np.nan)
+    for i, analysis in enumerate(analyses):
+        if [int(s) for s in analysis["strides"]] != strides:
+            raise SegreproError(f"level analysis {i + 1} has strides {analysis['strides']}, the first {strides}")
+        fused = analysis["fused_class_iou"]
+        for level, stride in enumerate(strides):
+            per_level = _by_stride(analysis["level_class_iou"], stride)
+            for c, name in enumerate(names):
+                if name not in fused or name not in per_level:
+                    raise SegreproError(f"class {name!r} is not in level analysis {i + 1}")
+                if fused[name] is not None and per_level[name] is not None:
+                    diff[i, level, c] = per_level[name] - fused[name]
+    defined = np.isfinite(diff)
+    counts = defined.sum(axis=0)
+    total = np.where(defined, diff, 0.0).sum(axis=0)
+    return strides, np.where(counts > 0, total / np.maximum(counts, 1), np.nan)
+
+
+def plot_levels_per_class(analyses: list[dict], class_names, out_png) -> None:
+    """Fig. 3 / Fig. C (App. E): per level and class, IoU(level) − IoU(fused) in points, mean over
+    seeds, clipped to [−15, 1]; rows are levels 1..L (coarse -> fine). Undefined cells are grey."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    names = list(class_names)
+    strides, mean = levels_minus_fused(analyses, names)
+    shown = np.clip(mean, *CLIP)  # NaN stays NaN
+
+    fig = Figure(figsize=(max(7.0, 0.14 * len(names) + 2.5), 2.2 + 0.45 * len(strides)), layout="constrained")
+    ax = fig.subplots()
+    cmap = colormaps["viridis"].with_extremes(bad=(0.8, 0.8, 0.8))
+    image = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, vmin=CLIP[0], vmax=CLIP[1], aspect="auto",
+                      interpolation="nearest")
+    ax.set_yticks(range(len(strides)), [f"ℓ={level + 1} (s{s})" for level, s in enumerate(strides)])
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6 if len(names) > 40 else 8)
+    fig.colorbar(image, ax=ax, label="IoU(level) − IoU(fused) (points)", fraction=0.03, pad=0.01)
+    ax.set_title(f"IoU(level) − IoU(fused) per class, clipped to [{CLIP[0]:g}, {CLIP[1]:g}]\n"
+                 f"mean over {len(analyses)} seed{'s' if len(analyses) > 1 else ''}; brighter = more specialised",
+                 fontsize=10)
+    _save_figure(fig, out_png)
+
+
+def class_palette(num_classes: int) -> np.ndarray:
+    """A fixed RGB colour in [0, 1] per class (fixed-seed RNG, the same in every figure)."""
+    return np.random.default_rng(0).uniform(0.1, 0.95, size=(num_classes, 3))
+
+
+def _colour(labels: np.ndarray, palette: np.ndarray, ignore: int) -> np.ndarray:
+    """Class ids (H,W) -> RGB (H,W,3); ignore (or any id outside the palette) black."""
+    out = np.zeros((*labels.shape, 3))
+    known = (labels != ignore) & (labels >= 0) & (labels < len(palette))
+    out[known] = palette[labels[known]]
+    out[~known] = IGNORE_COLOUR
+    return out
+
+
+def _cells_to_pixels(cells: np.ndarray, stride: int, size: tuple[int, int]) -> np.ndarray:
+    """Cell grid -> pixels (each cell copied to its stride x stride pixels), padding cropped."""
+    up = np.repeat(np.repeat(cells, stride, axis=0), stride, axis=1)
+    return up[: size[0], : size[1]]
+
+
+def plot_pyramid_example(model, dataset, index: int, out_png, base_size=None) -> None:
+    """Fig. A (App. A) for one evaluation image, at the network-input resolution.
+
+    Row 1: raw semantic pyramid (argmax per level). Row 2: raw unity pyramid (probabilities).
+    Row 3: per level, the labels it contributes after fusing (Eq. 2); "done by coarser" cells
+    grey, mix cells not yet done (probability < tau, left to finer levels) white.
+    Row 4: input image, ground truth, fused prediction, and the level each pixel is fused from.
+    """
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    strides = check_model(model)
+    if not 0 <= int(index) < len(dataset):
+        raise SegreproError(f"image index {index} is out of range (the dataset has {len(dataset)} images)")
+    names = list(dataset.class_names)
+    ignore = int(getattr(dataset, "ignore_index", 255))
+    device = model_device(model)
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    image, label, image_id = dataset[int(index)]
+    p = run_pyramid(model, image, label, device, base_size, len(names), ignore)
+    h, w = p.size
+    L, finest = len(strides), strides[-1]
+    palette = class_palette(len(names))
+    assignment = p.assignment[0].cpu().numpy()
+    tau = float(model.tau)
+
+    ncols = max(L, 4)
+    aspect = min(max(h / w, 0.4), 2.0)
+    fig = Figure(figsize=(2.8 * ncols, 2.8 * 4 * aspect + 0.6), layout="constrained")
+    axes = fig.subplots(4, ncols, squeeze=False)
+    for ax in axes.ravel():
+        ax.set_xticks([])  # keep the frame: white mix cells must not melt into the page
+        ax.set_yticks([])
+    for row, used in ((0, L), (1, L - 1), (2, L), (3, 4)):
+        for ax in axes[row, used:]:
+            ax.set_axis_off()
+    for level, stride in enumerate(strides):
+        semantic = p.pyramid.semantic[level][0].argmax(0).cpu().numpy()
+        axes[0, level].imshow(_colour(_cells_to_pixels(semantic, stride, (h, w)), palette, ignore),
+                              interpolation="nearest")
+        axes[0, level].set_title(f"Ŷ({level + 1}) stride {stride}", fontsize=9)
+        if level < L - 1:
+            probs = p.pyramid.unity[level][0].cpu().numpy()
+            axes[1, level].imshow(_cells_to_pixels(probs, stride, (h, w)), cmap="gray", vmin=0.0, vmax=1.0,
+                                  interpolation="nearest")
+            axes[1, level].set_title(f"Û({level + 1}) (unity if ≥ {tau:g})", fontsize=9)
+        else:
+            axes[1, level].text(0.5, 0.5, f"Û({level + 1}) ≡ 1\n(finest level:\nevery cell is unity)",
+                                ha="center", va="center", fontsize=9, transform=axes[1, level].transAxes)
+        # The fused assignment is constant inside a cell of this level, so one sample per cell
+        # tells whether the cell is done by a coarser level, contributes, or is left to finer ones.
+        factor = stride // finest
+        cell_assignment = assignment[::factor, ::factor]
+        contribution = _colour(semantic, palette, ignore)
+        contribution[cell_assignment < level] = DONE_COLOUR
+        contribution[cell_assignment > level] = MIX_COLOUR
+        up = np.repeat(np.repeat(contribution, stride, axis=0), stride, axis=1)[:h, :w]
+        axes[2, level].imshow(up, interpolation="nearest")
+        axes[2, level].set_title(f"level {level + 1} after fuse", fontsize=9)
+
+    mean = IMAGENET_MEAN.reshape(3, 1, 1) / 255.0
+    std = IMAGENET_STD.reshape(3, 1, 1) / 255.0
+    shown = (p.image[0, :, :h, :w].cpu().numpy() * std + mean).clip(0.0, 1.0).transpose(1, 2, 0)
+    truth = p.label[:h, :w].cpu().numpy()
+    fused = pixels_from_finest(p.fused, tuple(p.label.shape))[0, :, :h, :w].argmax(0).cpu().numpy()
+    axes[3, 0].imshow(shown)
+    axes[3, 0].set_title(f"input {image_id}", fontsize=9)
+    axes[3, 1].imshow(_colour(truth, palette, ignore), interpolation="nearest")
+    axes[3, 1].set_title("ground truth", fontsize=9)
+    axes[3, 2].imshow(_colour(fused, palette, ignore), interpolation="nearest")
+    axes[3, 2].set_title("fused prediction", fontsize=9)
+    levels_cmap = ListedColormap(colormaps["tab10"].colors[:L])
+    shown_levels = axes[3, 3].imshow(_cells_to_pixels(assignment, finest, (h, w)), cmap=levels_cmap,
+                                     vmin=-0.5, vmax=L - 0.5, interpolation="nearest")
+    axes[3, 3].set_title("fused from level", fontsize=9)
+    bar = fig.colorbar(shown_levels, ax=axes[3, 3], fraction=0.046, pad=0.04, ticks=range(L))
+    bar.set_ticklabels([str(level + 1) for level in range(L)])
+    fig.suptitle(f"Specialize and fuse, image {image_id}: grey = done by coarser, white = mix (left to finer)",
+                 fontsize=10)
+    _save_figure(fig, out_png)
