@@ -314,6 +314,14 @@ def test_levels_minus_fused_means_over_seeds(analysis):
     assert delta[2].tolist() == approx([200 / 3 - 100, -50.0, -50.0])
 
 
+def test_a_class_never_recognised_is_undefined_not_specialised(analysis):
+    levels = {stride: dict(ious, car=0.0) for stride, ious in analysis["level_class_iou"].items()}
+    missed = dict(analysis, fused_class_iou=dict(analysis["fused_class_iou"], car=0.0), level_class_iou=levels)
+    _, delta = levels_minus_fused([missed], CLASSES)
+    assert np.isnan(delta[:, 2]).all()  # 0 - 0 would read as "as good as fused"
+    assert np.isfinite(delta[:, :2]).all()
+
+
 def test_figures_are_written(tmp_path, analysis, monkeypatch):
     bars = tmp_path / "fig3.png"
     plot_levels_per_class([analysis], CLASSES, bars)

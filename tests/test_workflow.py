@@ -384,8 +384,9 @@ def test_dry_run_of_every_target(project, scale):
     assert result.returncode == 0, result.stdout[-5000:]
     stats = job_stats(result.stdout)
     # PSPNet: 14 experiments, 18 (experiment, protocol) evaluations (table3 also tests 4 runs
-    # with `ms`); SaF: 13 experiments, A-K single-scale and the two SOTA runs multi-scale.
-    assert (stats["train"], stats["evaluate"], stats["table"], stats["all"]) == (27, 31, 9, 1), stats
+    # with `ms`); SaF: 16 experiments, A-K and 3 variants of its open defaults single-scale, the
+    # two SOTA runs multi-scale.
+    assert (stats["train"], stats["evaluate"], stats["table"], stats["all"]) == (30, 34, 10, 1), stats
     assert (stats["figure"], stats["pyramids"], stats["pyramid_stats"]) == (2, 1, 1), stats
     # The scale's datasets are not in data/ yet; SaF's ablations use a fixed-seed subset of ADE20K.
     datasets = ["ade20k", "ade20k-ablation"] if scale == "paper" else ["synthetic"]

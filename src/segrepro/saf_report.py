@@ -313,7 +313,9 @@ def _by_stride(mapping: dict, stride: int):
 
 def levels_minus_fused(analyses: list[dict], class_names) -> tuple[list[int], np.ndarray]:
     """(strides, D) with D[l, c] = IoU(level l) − IoU(fused) of class c in points, the mean over
-    the seeds where both are defined (NaN where none), unclipped; rows coarse -> fine (App. E)."""
+    the seeds where both are defined (NaN where none), unclipped; rows coarse -> fine (App. E).
+    A class that neither the level nor the fused output ever gets right (both IoU 0) says nothing
+    about specialisation and is left undefined too, rather than shown as "no loss"."""
     if not analyses:
         raise SegreproError("no level analyses were given")
     names = list(class_names)
@@ -328,7 +330,8 @@ def levels_minus_fused(analyses: list[dict], class_names) -> tuple[list[int], np
             for c, name in enumerate(names):
                 if name not in fused or name not in per_level:
                     raise SegreproError(f"class {name!r} is not in level analysis {i + 1}")
-                if fused[name] is not None and per_level[name] is not None:
+                values = (per_level[name], fused[name])
+                if None not in values and values != (0.0, 0.0):
                     diff[i, level, c] = per_level[name] - fused[name]
     defined = np.isfinite(diff)
     counts = defined.sum(axis=0)
@@ -338,7 +341,8 @@ def levels_minus_fused(analyses: list[dict], class_names) -> tuple[list[int], np
 
 def plot_levels_per_class(analyses: list[dict], class_names, out_png) -> None:
     """Fig. 3 / Fig. C (App. E): per level and class, IoU(level) − IoU(fused) in points, mean over
-    seeds, clipped to [−15, 1]; rows are levels 1..L (coarse -> fine). Undefined cells are grey."""
+    seeds, clipped to [−15, 1]; rows are levels 1..L (coarse -> fine). Undefined cells (and classes
+    never recognised) are grey."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
@@ -355,7 +359,8 @@ def plot_levels_per_class(analyses: list[dict], class_names, out_png) -> None:
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6 if len(names) > 40 else 8)
     fig.colorbar(image, ax=ax, label="IoU(level) − IoU(fused) (points)", fraction=0.03, pad=0.01)
     ax.set_title(f"IoU(level) − IoU(fused) per class, clipped to [{CLIP[0]:g}, {CLIP[1]:g}]\n"
-                 f"mean over {len(analyses)} seed{'s' if len(analyses) > 1 else ''}; brighter = more specialised",
+                 f"mean over {len(analyses)} seed{'s' if len(analyses) > 1 else ''}; brighter = more specialised;"
+                 " grey = undefined or never recognised",
                  fontsize=10)
     _save_figure(fig, out_png)
 
