@@ -340,3 +340,21 @@ def test_every_pretrained_backbone_in_the_registry_has_timm_weights(params):
     assert names, "no run uses pretrained weights"
     for name in sorted(names):
         assert timm.list_pretrained(f"{name}.*"), f"timm has no pretrained weights for {name}"
+
+
+def test_local_weights_file_loads_and_a_misfit_is_named(tmp_path):
+    """`pretrained: <file>` loads a state dict through timm; a file for another shape is refused
+    with one line (not a size-mismatch traceback)."""
+    import timm
+
+    from segrepro.models.backbone import create_timm_model
+
+    torch.manual_seed(0)
+    source = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), weights)
+    loaded = create_timm_model("resnet18", str(weights), num_classes=10)
+    assert torch.equal(loaded.conv1.weight, source.conv1.weight)
+    with pytest.raises(SegreproError, match="do not fit its shape") as info:
+        create_timm_model("resnet18", str(weights), num_classes=10, channels=[8, 16, 32, 64])
+    assert "\n" not in str(info.value)

@@ -14,23 +14,34 @@ import torch.nn as nn
 from segrepro.errors import SegreproError
 
 
-def _create(name: str, pretrained: bool | str, **kwargs) -> nn.Module:
-    if isinstance(pretrained, str):
-        path = Path(pretrained)
-        if not path.is_file():
-            raise SegreproError(f"backbone weights file not found: {path}")
-        # timm loads a local file through its pretrained config, with the usual key remapping.
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+def create_timm_model(name: str, pretrained: bool | str, **kwargs) -> nn.Module:
+    """A timm model with ImageNet weights (True), a local weights file (a path) or none (False);
+    every way this can fail is a one-line SegreproError naming the backbone."""
     if not pretrained:
         return timm.create_model(name, pretrained=False, **kwargs)
-    if "layers" in kwargs or "channels" in kwargs:
+    if isinstance(pretrained, str):
+        if not Path(pretrained).is_file():
+            raise SegreproError(f"backbone weights file not found: {pretrained}")
+        # timm loads a local file through its pretrained config, with the usual key remapping.
+        kwargs = dict(kwargs, pretrained_cfg_overlay={"file": str(pretrained)})
+    elif "layers" in kwargs or "channels" in kwargs:
         raise SegreproError(
             f"backbone '{name}' with custom layers/channels has no pretrained weights: "
             "set model.backbone.pretrained to false or to a weights file"
         )
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
-    except Exception as err:  # offline, hub unreachable, unknown tag: all end the same way for the user
+    except Exception as err:
+        if isinstance(err, RuntimeError) and "size mismatch" in str(err):
+            # e.g. a custom stem_width: the model builds, the weights do not fit it.
+            raise SegreproError(
+                f"the weights of backbone '{name}' do not fit its shape (kwargs "
+                f"{sorted(k for k in kwargs if k != 'pretrained_cfg_overlay')}): set "
+                "model.backbone.pretrained to false or to a matching weights file"
+            ) from None
+        if isinstance(pretrained, str):
+            raise SegreproError(f"backbone weights file {pretrained} could not be loaded ({type(err).__name__})") from None
+        # Offline, hub unreachable, unknown tag: all end the same way for the user.
         raise SegreproError(
             f"pretrained weights for backbone '{name}' could not be loaded ({type(err).__name__}); "
             "offline, put them in the Hugging Face cache (HF_HOME) or set model.backbone.pretrained "
@@ -44,7 +55,7 @@ class Backbone(nn.Module):
         super().__init__()
         if not timm.is_model(name):
             raise SegreproError(f"unknown timm backbone '{name}'")
-        self.body = _create(
+        self.body = create_timm_model(
             name,
             pretrained,
             features_only=True,

@@ -27,7 +27,7 @@ from timm.models.hrnet import BasicBlock, HighResolutionModule
 from torch import nn
 
 from segrepro.errors import SegreproError
-from segrepro.models.backbone import _create
+from segrepro.models.backbone import create_timm_model
 
 # Strides of the four branches / stages used, finest first (timm feature order).
 BRANCH_STRIDES = (4, 8, 16, 32)
@@ -61,14 +61,14 @@ def _family(name: str) -> str:
 
 
 def _create_features(name: str, pretrained: bool | str, kwargs: dict | None, **fixed) -> nn.Module:
-    """`backbone._create` with the wrapper's fixed feature arguments; kwargs the wrapper owns or the
+    """`backbone.create_timm_model` with the wrapper's fixed feature arguments; kwargs the wrapper owns or the
     timm model does not accept become one-line SegreproErrors instead of a TypeError traceback."""
     kwargs = dict(kwargs or {})
     reserved = sorted(set(kwargs) & set(_RESERVED_KWARGS))
     if reserved:
         raise SegreproError(f"backbone '{name}': kwargs {reserved} are fixed by the feature extractor")
     try:
-        return _create(name, pretrained, features_only=True, out_indices=OUT_INDICES, **fixed, **kwargs)
+        return create_timm_model(name, pretrained, features_only=True, out_indices=OUT_INDICES, **fixed, **kwargs)
     except TypeError as err:
         raise SegreproError(f"backbone '{name}' rejects kwargs {sorted(kwargs)}: {err}") from None
 
