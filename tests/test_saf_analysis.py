@@ -205,7 +205,7 @@ def test_pyramid_files_must_match(tmp_path, gt_dir):
 
 PAPER = [[33.48, 39.52, 42.13, 38.61], [31.63, 41.17, 45.98, 44.57],
          [27.31, 38.13, 46.34, 47.52], [21.94, 28.94, 40.05, 48.05]]
-SPEC = {"title": "Table 9. mIoU over a pair of pyramid levels", "kind": "level_matrix",
+SPEC = {"title": "Table 9. mIoU over a pair of pyramid levels", "kind": "level_matrix", "metrics": ["miou"],
         "rows": [{"label": "I", "experiment": "I", "protocol": "ss"}], "paper_matrix": PAPER}
 HEADER = {"dataset": "ade20k", "scale": "tiny", "backbone": "hrnet", "iterations": 100,
           "seeds": [0, 1], "commits": ["abc1234"]}

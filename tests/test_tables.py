@@ -234,3 +234,13 @@ def test_load_metrics(tmp_path):
     wrong.write_text("[1, 2]")
     with pytest.raises(SegreproError, match="list.json"):
         load_metrics(wrong)
+
+
+def test_level_matrix_spec_needs_one_row_and_a_square_paper_matrix():
+    spec = {"title": "t", "kind": "level_matrix", "metrics": ["miou"],
+            "rows": [{"label": "I", "experiment": "I", "protocol": "ss"}], "paper_matrix": [[1.0, 2.0], [3.0]]}
+    with pytest.raises(SegreproError, match="square"):
+        check_table_spec("t9", spec)
+    two_rows = dict(spec, paper_matrix=None, rows=spec["rows"] + [{"label": "J", "experiment": "J", "protocol": "ss"}])
+    with pytest.raises(SegreproError, match="exactly one experiment"):
+        check_table_spec("t9", two_rows)

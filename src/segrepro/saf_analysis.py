@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from segrepro.errors import SegreproError
 from segrepro.metrics import ConfusionMatrix
-from segrepro.pyramid import Pyramid, fuse
+from segrepro.pyramid import Pyramid, fuse, upsample_nearest
 from segrepro.pyramid_store import (
     INDEX_NAME,
     STORED_IGNORE,
@@ -35,7 +35,6 @@ from segrepro.pyramid_store import (
     read_index,
     read_pyramid,
 )
-
 
 # ----------------------------------------------------------------------------- one forward pass
 
@@ -118,15 +117,13 @@ def pixels_from_finest(logits: torch.Tensor, padded: tuple[int, int]) -> torch.T
 def _level_pixel_logits(p: _Pass, level: int) -> torch.Tensor:
     """Level logits -> the finest grid with nearest Up() (Eq. 2; paper silent, default: nearest),
     then to pixels exactly as the fused output: the same path a fused cell of this level takes."""
-    finest = p.fused.shape[-2:]
-    up = F.interpolate(p.pyramid.semantic[level], size=tuple(finest), mode="nearest")
-    return pixels_from_finest(up, tuple(p.label.shape))
+    factor = p.pyramid.strides[level] // p.pyramid.strides[-1]
+    return pixels_from_finest(upsample_nearest(p.pyramid.semantic[level], factor), tuple(p.label.shape))
 
 
 def _pixel_assignment(p: _Pass) -> torch.Tensor:
     """(Hp,Wp) assignment level per pixel: nearest, i.e. each finest cell's level copied to its pixels."""
-    finest = p.pyramid.strides[-1]
-    return p.assignment[0].repeat_interleave(finest, 0).repeat_interleave(finest, 1)
+    return upsample_nearest(p.assignment[0], p.pyramid.strides[-1])
 
 
 # ----------------------------------------------------------------------------- the analysis

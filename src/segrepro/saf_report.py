@@ -24,12 +24,13 @@ from segrepro.saf_analysis import (
     run_pyramid,
 )
 from segrepro.tables import (
-    HEADER_KEYS,
     MISSING,
     _cell,
     _fmt,
     _fmt_header_value,
     _within_spread,
+    check_header,
+    check_table_spec,
     header_lines,
     write_table,
 )
@@ -61,27 +62,6 @@ def _fmt_seeds(cell) -> str:
 
 def _lvl(level: int, stride: int, prime: str = "") -> str:
     return f"ℓ{prime}={level} (s{stride})"
-
-
-def _check_level_spec(name: str, spec: dict) -> list[list[float]] | None:
-    where = f"table {name!r}"
-    if not isinstance(spec, dict):
-        raise SegreproError(f"{where}: the spec must be a mapping, got {type(spec).__name__}")
-    if not isinstance(spec.get("title"), str) or not spec["title"]:
-        raise SegreproError(f"{where}: missing 'title'")
-    if spec.get("kind", "level_matrix") != "level_matrix":
-        raise SegreproError(f"{where}: kind {spec['kind']!r} is not 'level_matrix'")
-    matrix = spec.get("paper_matrix")
-    if matrix is None:
-        return None
-    ok = isinstance(matrix, list) and matrix and all(isinstance(r, list) and len(r) == len(matrix) for r in matrix)
-    if not ok or not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
-                         for r in matrix for v in r):
-        raise SegreproError(f"{where}: 'paper_matrix' must be a square list of lists of numbers")
-    paper_strides = spec.get("paper_strides", PAPER_STRIDES)
-    if not isinstance(paper_strides, (list, tuple)) or len(paper_strides) != len(matrix):
-        raise SegreproError(f"{where}: 'paper_strides' must list one stride per row of 'paper_matrix'")
-    return [[None if v is None else float(v) for v in r] for r in matrix]
 
 
 def _check_analyses(name: str, analyses: list[dict]) -> tuple[int, ...]:
@@ -183,20 +163,17 @@ def write_level_table(name: str, spec: dict, analyses: list[dict], header: dict,
     """Write Table 9 (Sec. 5.5) as Markdown, a long-format CSV and a heatmap PNG beside it.
 
     `analyses` holds one `analyse_levels` result per seed; cells are means over the seeds.
-    `spec` = {title, kind: level_matrix, rows: [...], paper_matrix: [[...]], optional claim};
+    `spec` = {title, kind: level_matrix, metrics, rows: [one row], paper_matrix: [[...]]};
     the paper's matrix is printed with rows ℓ' and columns ℓ from fine (ℓ = 4) to coarse
     (ℓ = 1), and ours is rendered the same way. `header` has the keys of tables.build_table.
     The CSV and the PNG are written before the .md, so the .md implies both are complete.
     """
-    paper_matrix = _check_level_spec(name, spec)
+    check_table_spec(name, spec)
+    check_header(name, header)
+    paper_matrix = spec.get("paper_matrix")
     strides = _check_analyses(name, analyses)
-    missing_header = [k for k in HEADER_KEYS if k not in header]
-    if "commits" not in header and "commit" not in header:
-        missing_header.append("commits")
-    if missing_header:
-        raise SegreproError(f"table {name!r}: header lacks {', '.join(missing_header)}")
     L = len(strides)
-    paper_strides = tuple(int(s) for s in spec.get("paper_strides", PAPER_STRIDES))
+    paper_strides = PAPER_STRIDES
     # The paper prints [l'=4..1][l=4..1]; re-index it coarse -> fine like ours. Its cells sit beside
     # ours only when the run has the paper's levels.
     paper_cf = None
@@ -252,7 +229,7 @@ def write_level_table(name: str, spec: dict, analyses: list[dict], header: dict,
     )
 
     # Claim of the Table 9 caption, judged column by column.
-    claim = str(spec.get("claim") or DEFAULT_CLAIM)
+    claim = DEFAULT_CLAIM
     if paper_matrix is None:
         missing_note = "no paper values"
     else:

@@ -91,8 +91,12 @@ def check_table_spec(name: str, spec: dict) -> None:
                 raise SegreproError(f"{where}: row {row['label']!r}: paper {metric} is not a number: {value!r}")
 
     _check_grid(where, spec)
-    if spec.get("kind", "rows") == "level_matrix" and len(rows) != 1:
-        raise SegreproError(f"{where}: a level_matrix table analyses exactly one experiment, got {len(rows)} rows")
+    if spec.get("kind", "rows") == "level_matrix":
+        if len(rows) != 1:
+            raise SegreproError(f"{where}: a level_matrix table analyses exactly one experiment, got {len(rows)} rows")
+        matrix = spec.get("paper_matrix") or []
+        if any(len(row) != len(matrix) for row in matrix):
+            raise SegreproError(f"{where}: 'paper_matrix' must be square (one row and column per level)")
 
     claims = spec.get("claims", []) or []
     if not isinstance(claims, list):
@@ -274,6 +278,15 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
+def check_header(name: str, header: dict) -> None:
+    """Every table states its provenance: the keys `header_lines` prints must all be there."""
+    missing = [k for k in HEADER_KEYS if k not in header]
+    if "commits" not in header and "commit" not in header:
+        missing.append("commits")
+    if missing:
+        raise SegreproError(f"table {name!r}: header lacks {', '.join(missing)}")
+
+
 def header_lines(name: str, spec: dict, header: dict) -> list[str]:
     """The title and the provenance block every table starts with."""
     commits = header.get("commits", header.get("commit"))
@@ -303,11 +316,7 @@ def build_table(name: str, spec: dict, results: dict[str, list[dict]], header: d
     rows = spec["rows"]
     order = table_row_keys(spec)
 
-    missing_header = [k for k in HEADER_KEYS if k not in header]
-    if "commits" not in header and "commit" not in header:
-        missing_header.append("commits")
-    if missing_header:
-        raise SegreproError(f"table {name!r}: header lacks {', '.join(missing_header)}")
+    check_header(name, header)
 
     stats, paper = {}, {}
     for row, key in zip(rows, order):

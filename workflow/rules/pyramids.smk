@@ -20,12 +20,13 @@ rule pyramids:
 rule pyramid_stats:
     """How many cells of each level are unity, mix or ignore, and where each class is settled."""
     input:
-        unpack(pyramid_stats_inputs),
+        pyramids=paths.pyramid_dir(PYRAMID_STATS_DATASET, "val"),
+        dataset=paths.dataset_root(PYRAMID_STATS_DATASET) / "dataset.yaml",
         code=stage_sources("pyramid_stats"),
     output:
         "results/tables/pyramid_stats.md",
     params:
-        dataset=PARAMS.dataset_name("saf", SCALE, DATASET),
+        dataset=PYRAMID_STATS_DATASET,
     localrule: True
     conda:
         "../envs/segrepro.yaml"

@@ -103,7 +103,7 @@ class UnityHead(nn.Module):
         logits = []
         for factor in factors:
             centroid = self.centroid(F.avg_pool2d(embedding, factor))
-            difference = pixels - centroid.repeat_interleave(factor, 2).repeat_interleave(factor, 3)
+            difference = pixels - upsample_nearest(centroid, factor)
             # paper silent on a nonlinearity after the subtraction; without one the 1x1 conv is
             # linear in the difference and cannot say "small difference => unity". Default: |.|.
             per_pixel = self.classify(difference.abs())
