@@ -302,9 +302,9 @@ def test_list_shows_pspnet_tables_and_experiments(project, capsys):
     code, out, err = run_main(capsys, "list")
     assert code == 0 and err == ""
     registry = yaml.safe_load((project / "params" / "papers" / "pspnet.yaml").read_text())
-    assert f"pspnet: {registry['title']}" in out.splitlines()
-    tables_line = next(line for line in out.splitlines() if line.strip().startswith("tables:"))
+    lines = out.splitlines()
+    start = lines.index(f"pspnet: {registry['title']}")
+    experiments_line, tables_line = lines[start + 1], lines[start + 2]
     assert tables_line.split(":", 1)[1].strip().split(", ") == ["pspnet_table1", "pspnet_table2", "pspnet_table3"]
-    experiments_line = next(line for line in out.splitlines() if line.strip().startswith("experiments:"))
     assert experiments_line.split(":", 1)[1].strip().split(", ") == list(registry["experiments"])
 

@@ -1,6 +1,7 @@
 """params/ loading, validation and run resolution (segrepro.config), the config hash that decides
 reruns (segrepro.provenance) and the per-stage code inputs (segrepro.codedeps)."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -55,12 +56,14 @@ def all_runs(params):
 def test_every_experiment_resolves_at_every_scale(params):
     schema = read_yaml(REPO / "workflow" / "schemas" / "params.schema.yaml")
     model_schemas = {family: jsonschema.Draft202012Validator(schema["$defs"][f"{family}_model"] | schema)
-                     for family in ("pspnet", "saf")}
+                     for family in ("pspnet", "saf", "hfgd")}
     model_keys = {"pspnet": ({"family", "backbone", "head", "aux"},
                              {"type", "bins", "pool", "reduction", "channels", "dropout"}),
                   "saf": ({"family", "backbone", "head"},
                           {"output", "strides", "context", "relabel", "tau", "train_tau", "unity_channels",
-                           "semantic_channels", "key_channels", "pool_bins", "aux_weight", "dropout"})}
+                           "semantic_channels", "key_channels", "pool_bins", "aux_weight", "dropout"}),
+                  # HFGD's model has no `head`: its sections are checked by the schema below.
+                  "hfgd": ({"family", "backbone", "channels", "encoder", "upsampler", "hfgm", "loss"}, set())}
     train_schema = jsonschema.Draft202012Validator(schema["$defs"]["train"] | schema)
     count = 0
     for paper, experiment, scale in all_runs(params):
@@ -80,7 +83,7 @@ def test_every_experiment_resolves_at_every_scale(params):
             assert set(keys) <= set(config[section]), (experiment, scale, section)
         model = config["model"]
         model_sections, head_keys = model_keys[model["family"]]
-        assert model_sections <= set(model) and head_keys <= set(model["head"])
+        assert model_sections <= set(model) and head_keys <= set(model.get("head", {}))
         model_schemas[model["family"]].validate(model)
         train_schema.validate(config["train"])
     assert count == sum(len(r["experiments"]) for r in params.papers.values()) * len(params.scales)
@@ -200,8 +203,8 @@ def test_table_row_with_unknown_experiment(root):
 
 
 def test_scale_with_unknown_dataset(root):
-    edit_yaml(root / "params" / "scales.yaml", {"demo": {"dataset": "cityscapes"}})
-    message = one_line_error(root, "cityscapes")
+    edit_yaml(root / "params" / "scales.yaml", {"demo": {"dataset": "mapillary"}})
+    message = one_line_error(root, "mapillary")
     assert "scales.yaml" in message and "demo" in message
 
 
@@ -265,7 +268,9 @@ def test_deep_merge_semantics():
     base = {"a": {"b": 1, "c": [1, 2], "d": {"e": 1}}, "f": 1, "g": {"h": 1}}
     override = {"a": {"c": [3], "d": {"x": 2}}, "f": {"new": 1}, "g": 5, "i": None}
     merged = deep_merge(base, override)
-    assert merged == {"a": {"b": 1, "c": [3], "d": {"e": 1, "x": 2}}, "f": {"new": 1}, "g": 5, "i": None}
+    assert merged == {"a": {"b": 1, "c": [3], "d": {"e": 1, "x": 2}}, "f": {"new": 1}, "g": 5}
+    # null removes a key at any depth (JSON Merge Patch), and removing an absent key is no error.
+    assert deep_merge(base, {"a": {"d": None}, "f": None}) == {"a": {"b": 1, "c": [1, 2]}, "g": {"h": 1}}
     # Neither input is changed, and the result shares nothing mutable with them.
     assert base == {"a": {"b": 1, "c": [1, 2], "d": {"e": 1}}, "f": 1, "g": {"h": 1}}
     merged["a"]["d"]["e"] = 99
@@ -354,3 +359,48 @@ def test_stage_sources_follow_lazy_and_relative_imports(tmp_path):
     found = {Path(p).relative_to(tmp_path).as_posix() for p in codedeps.stage_sources("table", source_root=str(tmp_path))}
     assert found == {"segrepro/__init__.py", "segrepro/tables.py", "segrepro/sub/__init__.py",
                      "segrepro/sub/helper.py", "segrepro/leaf.py"}
+
+
+# ----------------------------------------------------------------------------- training settings
+
+def test_a_named_setting_sits_between_the_scale_and_the_experiment(params):
+    plain = params.resolve("hfgd", "usfpn_cae_hfgm", "paper")["train"]
+    assert (plain["optimizer"], plain["lr"], plain["weight_decay"], plain["iterations"]) == ("sgd", 0.01, 1e-4, 30000)
+    advanced = params.resolve("hfgd", "swin_usfpn_cae_hfgm", "paper")["train"]
+    assert (advanced["optimizer"], advanced["lr"], advanced["weight_decay"]) == ("adamw", 4e-5, 0.05)
+    assert advanced["photometric"] and advanced["iterations"] == 40000
+    # Per-scale values of the setting apply at that scale only.
+    assert params.resolve("hfgd", "swin_usfpn_cae_hfgm", "demo")["train"]["lr"] == 1e-3
+    # Papers without settings are untouched.
+    assert "optimizer" not in params.resolve("pspnet", "psp50", "demo")["train"]
+
+
+def test_iterations_factor_multiplies_the_scale_schedule(params):
+    for scale, base in (("tiny", 6), ("demo", 800), ("paper", 30000)):
+        assert params.resolve("hfgd", "fcn_scratch_6x", scale)["train"]["iterations"] == 6 * base
+        assert params.resolve("hfgd", "fcn_scratch", scale)["train"]["iterations"] == base
+
+
+def test_null_drops_inherited_backbone_kwargs(params):
+    swin = params.resolve("hfgd", "swin_usfpn_cae_hfgm", "demo")["model"]["backbone"]
+    assert "channels" not in swin["kwargs"] and swin["kwargs"]["embed_dim"] == 32
+
+
+def test_a_table_may_run_on_its_own_dataset(params):
+    assert params.table_dataset("hfgd_table17", "paper") == "cocostuff10k"
+    assert params.table_dataset("hfgd_table17", "demo") == "synthetic"
+    assert params.table_dataset("hfgd_table2", "paper") == "pascal_context"
+    # The command line's dataset wins over the table's own.
+    assert params.table_dataset("hfgd_table17", "paper", "synthetic-tiny") == "synthetic-tiny"
+
+
+@pytest.mark.parametrize("override, culprit", [
+    ({"experiments": {"fcn_aspp": {"setting": "fancy"}}},
+     "experiments.fcn_aspp.setting: unknown training setting 'fancy'"),
+    ({"setting": "fancy"}, "hfgd.yaml: setting: unknown training setting 'fancy'"),
+    ({"tables": {"hfgd_table17": {"dataset": {"paper": "nowhere"}}}},
+     "tables.hfgd_table17.dataset.paper: unknown dataset 'nowhere'"),
+])
+def test_bad_settings_and_table_datasets_are_named(root, override, culprit):
+    edit_yaml(root / "params" / "papers" / "hfgd.yaml", override)
+    one_line_error(root, re.escape(culprit))

@@ -1,5 +1,6 @@
 """The dataset reader, its input checks, the training augmentation and the resumable sampler."""
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +10,14 @@ import yaml
 from PIL import Image
 
 from segrepro.data import (
-    IMAGENET_MEAN, IMAGENET_STD, IterationBatchSampler, SegmentationDataset, TrainAugment,
-    generate_dataset, load_card, make_train_loader,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    IterationBatchSampler,
+    SegmentationDataset,
+    TrainAugment,
+    generate_dataset,
+    load_card,
+    make_train_loader,
 )
 from segrepro.errors import SegreproError
 
@@ -222,3 +229,144 @@ def test_loader_batch_larger_than_split(tmp_path):
     root = write_dataset(tmp_path / "ds", {"a": ramp_pair()})
     with pytest.raises(SegreproError, match=r"splits/train\.txt"):
         make_train_loader(root, "train", 2, 4, (1.0, 1.0), False, 0.0, 0, 0, 1, 0)
+
+
+# ----------------------------------------------------------------------------- photometric distortion
+
+class ScriptedRng:
+    """Stands in for the augment's np.random.Generator: answers its draws from a script of
+    (method, value) in order and records the arguments of each call."""
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.calls = []
+
+    def _next(self, method, *args):
+        expected, value = self.script.pop(0)
+        assert method == expected, f"drew {method}{args}, the script says {expected}"
+        self.calls.append((method, args))
+        return value
+
+    def uniform(self, low, high):
+        return self._next("uniform", low, high)
+
+    def random(self):
+        return self._next("random")
+
+    def integers(self, low, high):
+        return self._next("integers", low, high)
+
+
+# Two coloured pixels, black and a bluish one; grey levels (0.299 R + 0.587 G + 0.114 B)
+# 59.25, 124.2, 0, 72.6; mean grey 64.0125.
+PHOTO_IMAGE = np.array([[[100, 50, 0], [200, 100, 50]],
+                 [[0, 0, 0], [40, 80, 120]]], np.uint8)
+PHOTO_LABEL = np.array([[1, 2], [255, 3]], np.uint8)
+
+
+def photometric(contrast=None, saturation=None, brightness=0.0):
+    """Run the photometric augment on PHOTO_IMAGE (no scale, flip, crop) with contrast / saturation
+    factors (None: not applied); returns (image, label, the rng's calls)."""
+    rng = ScriptedRng([
+        ("uniform", 1.0), ("random", 0.9), ("uniform", 1.0),  # scale, flip (no), brightness gain
+        ("integers", 0), ("integers", 0),  # crop offsets
+        ("random", 0.2 if contrast else 0.7), ("uniform", contrast or 1.3),
+        ("random", 0.2 if saturation else 0.7), ("uniform", saturation or 0.6),
+    ])
+    aug = TrainAugment(2, scale_range=(1.0, 1.0), flip=True, brightness=brightness, photometric=True)
+    x, y = aug(PHOTO_IMAGE, PHOTO_LABEL, rng)
+    assert not rng.script
+    return x, y, rng.calls
+
+
+def test_photometric_draws_from_the_rng_in_order():
+    _, _, calls = photometric(contrast=1.5, saturation=0.5)
+    assert calls == [("uniform", (1.0, 1.0)), ("random", ()), ("uniform", (1.0, 1.0)),
+                     ("integers", (0, 1)), ("integers", (0, 1)),
+                     ("random", ()), ("uniform", (0.5, 1.5)), ("random", ()), ("uniform", (0.5, 1.5))]
+
+
+def test_contrast_by_hand():
+    x, y, _ = photometric(contrast=1.5)  # 64.0125 + 1.5 (v - 64.0125) = 1.5 v - 32.00625, clipped
+    expected = [[[117.99375, 42.99375, 0.0], [255.0, 117.99375, 42.99375]],
+                [[0.0, 0.0, 0.0], [27.99375, 87.99375, 147.99375]]]
+    assert x.dtype == np.float32 and np.allclose(x, expected, rtol=0, atol=1e-4)
+    assert np.array_equal(y, PHOTO_LABEL)
+    x, _, _ = photometric(contrast=0.5)  # 0.5 v + 32.00625
+    expected = [[[82.00625, 57.00625, 32.00625], [132.00625, 82.00625, 57.00625]],
+                [[32.00625, 32.00625, 32.00625], [52.00625, 72.00625, 92.00625]]]
+    assert np.allclose(x, expected, rtol=0, atol=1e-4)
+
+
+def test_saturation_by_hand():
+    x, y, _ = photometric(saturation=0.5)  # (v + grey) / 2
+    expected = [[[79.625, 54.625, 29.625], [162.1, 112.1, 87.1]],
+                [[0.0, 0.0, 0.0], [56.3, 76.3, 96.3]]]
+    assert np.allclose(x, expected, rtol=0, atol=1e-4)
+    assert np.array_equal(y, PHOTO_LABEL)
+    x, _, _ = photometric(saturation=1.5)  # 1.5 v - 0.5 grey, clipped
+    expected = [[[120.375, 45.375, 0.0], [237.9, 87.9, 12.9]],
+                [[0.0, 0.0, 0.0], [23.7, 83.7, 143.7]]]
+    assert np.allclose(x, expected, rtol=0, atol=1e-4)
+
+
+def test_contrast_then_saturation_then_brightness():
+    # Contrast 0.5 first: pixel (100, 50, 0) -> (82.00625, 57.00625, 32.00625), grey
+    # 0.299*82.00625 + 0.587*57.00625 + 0.114*32.00625 = 61.63125; saturation 1.5 then gives
+    # 1.5 v - 0.5 * 61.63125; the brightness gain 1.0 changes nothing.
+    x, _, _ = photometric(contrast=0.5, saturation=1.5, brightness=0.2)
+    assert np.allclose(x[0, 0], [92.19375, 54.69375, 17.19375], rtol=0, atol=1e-4)
+    # Black became grey 32.00625 (R = G = B): saturation keeps a grey pixel grey.
+    assert np.allclose(x[1, 0], 32.00625 * (1.5 - 0.5 * (0.299 + 0.587 + 0.114)), rtol=0, atol=1e-4)
+
+
+def test_no_draw_below_one_half_means_no_change():
+    x, y, _ = photometric()
+    assert np.array_equal(x, PHOTO_IMAGE.astype(np.float32)) and np.array_equal(y, PHOTO_LABEL)
+
+
+def test_photometric_is_deterministic_and_leaves_labels_and_geometry():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    label = rng.integers(0, 12, (30, 40), dtype=np.uint8)
+    kwargs = dict(crop_size=(24, 20), scale_range=(0.5, 2.0), flip=True, brightness=0.2)
+    on, off = TrainAugment(**kwargs, photometric=True), TrainAugment(**kwargs)
+    changed = 0
+    for seed in range(10):
+        x, y = on(image, label, np.random.default_rng(seed))
+        x2, y2 = on(image, label, np.random.default_rng(seed))
+        assert np.array_equal(x, x2) and np.array_equal(y, y2)
+        plain, plain_label = off(image, label, np.random.default_rng(seed))
+        assert np.array_equal(y, plain_label)  # same scale, flip and crop
+        assert x.min() >= 0 and x.max() <= 255
+        changed += int(not np.array_equal(x, plain))
+    assert 0 < changed < 10  # p(neither) = 1/4
+
+
+def test_without_photometric_the_augment_is_unchanged():
+    """The sha256 of the outputs the augment gave before photometric distortion existed."""
+    src = np.random.default_rng(0)
+    image = src.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    label = src.integers(0, 12, (30, 40), dtype=np.uint8)
+    for aug in (TrainAugment(crop_size=(24, 20), scale_range=(0.5, 2.0), flip=True, brightness=0.2),
+                TrainAugment(crop_size=(24, 20), scale_range=(0.5, 2.0), flip=True, brightness=0.2,
+                             photometric=False)):
+        digest = hashlib.sha256()
+        for seed in range(8):
+            x, y = aug(image, label, np.random.default_rng(seed))
+            digest.update(x.tobytes())
+            digest.update(y.tobytes())
+        assert digest.hexdigest() == "36f3431be66fc9bcb041ec618f6c33609900133e1af924761e6feaa4a022ba46"
+
+
+def test_loader_passes_photometric(tmp_path):
+    root = generate_dataset(tmp_path / "syn", "syn", seed=0, width=48, height=36, train=7, val=1)
+    args = dict(root=root, split="train", batch_size=2, crop_size=32, scale_range=(0.5, 2.0),
+                flip=True, brightness=0.2, seed=3, iterations=4, start_iteration=0)
+    plain = list(make_train_loader(**args))
+    distorted = list(make_train_loader(**args, photometric=True))
+    assert all(torch.equal(ya, yb) and ia == ib for (_, ya, ia), (_, yb, ib) in zip(plain, distorted))
+    assert any(not torch.equal(xa, xb) for (xa, _, _), (xb, _, _) in zip(plain, distorted))
+    resumed = list(make_train_loader(**dict(args, start_iteration=2), photometric=True, num_workers=2))
+    for (xa, ya, _), (xb, yb, _) in zip(distorted[2:], resumed):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)

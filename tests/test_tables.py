@@ -244,3 +244,53 @@ def test_level_matrix_spec_needs_one_row_and_a_square_paper_matrix():
     two_rows = dict(spec, paper_matrix=None, rows=spec["rows"] + [{"label": "J", "experiment": "J", "protocol": "ss"}])
     with pytest.raises(SegreproError, match="exactly one experiment"):
         check_table_spec("t9", two_rows)
+
+
+# ----------------------------------------------------------------------------- computation (HFGD Table 9)
+
+FLOPS_SPEC = {
+    "title": "Table 9. Computation",
+    "metrics": ["gmacs", "miou"],
+    "flops": {"input_size": 513, "num_classes": 59, "scale": "paper"},
+    "rows": [
+        {"label": "Dilated", "experiment": "d8", "protocol": "ss", "paper": {"gmacs": 100.0, "miou": 50.0}},
+        {"label": "Ours", "experiment": "ours", "protocol": "ss", "paper": {"gmacs": 50.0, "miou": 51.0},
+         "flops_note": "Our upsampler is wider."},
+        {"label": "Other", "experiment": "other", "protocol": "ss", "paper": {"gmacs": 20.0, "miou": 40.0}},
+    ],
+    "claims": [
+        {"claim": "Ours is cheaper than dilation", "metric": "gmacs", "better": ["ours"], "than": ["d8"]},
+        {"claim": "Other is the cheapest", "metric": "gmacs", "best": "other"},
+    ],
+}
+COUNTS = {"d8": {"gmacs": 102.0, "backbone_gmacs": 80.0}, "ours": {"gmacs": 60.0, "backbone_gmacs": 30.0},
+          "other": {"gmacs": 25.0, "backbone_gmacs": 20.0}}
+
+
+def flops_results():
+    return {f"{e}@ss": [{"seed": 0, "miou": 45.0, "gmacs": c["gmacs"]}] for e, c in COUNTS.items()}
+
+
+def test_computation_claims_count_lower_as_better():
+    text, frame = build_table("t9", FLOPS_SPEC, flops_results(), HEADER, COUNTS)
+    claims = text.split("## Claims")[1]
+    assert "✅ reproduced: Ours is cheaper than dilation — GMACs: ours 60.00 < d8 102.00 (paper's numbers agree)" in claims
+    assert "✅ reproduced: Other is the cheapest — GMACs: other 25.00 vs next best ours 60.00" in claims
+    assert list(frame["gmacs_delta"]) == pytest.approx([2.0, 10.0, 5.0])
+
+
+def test_counts_far_from_the_paper_say_why():
+    text, _ = build_table("t9", FLOPS_SPEC, flops_results(), HEADER, COUNTS)
+    section = text.split("GMACs: multiply-adds")[1].split("## Claims")[0]
+    lines = [line for line in section.splitlines() if line.startswith("- ")]
+    # 102 vs 100 is within 3 %: no explanation needed; 60 vs 50 (+20 %) gives the row's note;
+    # 25 vs 20 has none recorded, and the table says so.
+    assert lines[0] == "- Dilated: 102.00 = backbone 80.00 + rest 22.00; the paper's 100.00 (+2.00 %)"
+    assert lines[1].endswith("(+20.00 %). Our upsampler is wider.")
+    assert lines[2].endswith("(+25.00 %). Not explained.")
+    assert "513² RGB image" in section and "'paper' scale" in section
+
+
+def test_a_computation_table_needs_its_counts():
+    with pytest.raises(SegreproError, match="no counts"):
+        build_table("t9", FLOPS_SPEC, flops_results(), HEADER)

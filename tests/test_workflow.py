@@ -385,11 +385,14 @@ def test_dry_run_of_every_target(project, scale):
     stats = job_stats(result.stdout)
     # PSPNet: 14 experiments, 18 (experiment, protocol) evaluations (table3 also tests 4 runs
     # with `ms`); SaF: 16 experiments, A-K and 3 variants of its open defaults single-scale, the
-    # two SOTA runs multi-scale.
-    assert (stats["train"], stats["evaluate"], stats["table"], stats["all"]) == (30, 34, 10, 1), stats
-    assert (stats["figure"], stats["pyramids"], stats["pyramid_stats"]) == (2, 1, 1), stats
+    # two SOTA runs multi-scale; HFGD: the 43 experiments its 11 tables name, single-scale, and at
+    # paper scale 3 more on Cityscapes (Table 12) and 4 on COCO-Stuff 10k (Table 17).
+    hfgd = 43 + (7 if scale == "paper" else 0)
+    assert (stats["train"], stats["evaluate"], stats["table"], stats["all"]) == (30 + hfgd, 34 + hfgd, 21, 1), stats
+    assert (stats["figure"], stats["pyramids"], stats["pyramid_stats"], stats["flops"]) == (2, 1, 1, 1), stats
     # The scale's datasets are not in data/ yet; SaF's ablations use a fixed-seed subset of ADE20K.
-    datasets = ["ade20k", "ade20k-ablation"] if scale == "paper" else ["synthetic"]
+    datasets = (["ade20k", "ade20k-ablation", "pascal_context", "cityscapes", "cocostuff10k"]
+                if scale == "paper" else ["synthetic"])
     assert stats["prepare_dataset"] == len(datasets)
     assert all(f"dataset={dataset}," in result.stdout for dataset in datasets)
 

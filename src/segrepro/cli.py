@@ -7,6 +7,7 @@
   segrepro pyramids DATASET                    pyramidal ground truth of a split (SaF)
   segrepro pyramid-stats DATASET               results/tables/pyramid_stats.md from it
   segrepro figure NAME                         write results/figures/NAME.png
+  segrepro flops NAME                          count the models of a table: results/flops/NAME.json
   segrepro config   --paper P --experiment E   print the fully resolved configuration
   segrepro list                                papers, experiments and tables
   segrepro tracking-init                       create the MLflow store and experiments
@@ -85,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     figure.add_argument("--dataset")
     figure.add_argument("--seed", type=int)
     figure.add_argument("--out", type=Path, help="default: results/figures/NAME.png")
+
+    flops = commands.add_parser("flops", help="count the multiply-adds of a table's models (no training)")
+    flops.add_argument("name", help="a table with a 'flops' section, e.g. hfgd_table9")
+    flops.add_argument("--out", type=Path, help="default: results/flops/NAME.json")
 
     config = commands.add_parser("config", help="print a run's resolved configuration")
     _run_arguments(config)
@@ -182,6 +187,17 @@ def cmd_figure(params: Params, args) -> None:
     print(f"wrote {out}")
 
 
+def cmd_flops(params: Params, args) -> None:
+    from segrepro.flops import write_flops
+
+    out = args.out or paths.flops_path(args.name)
+    record = write_flops(params, args.name, out)
+    for experiment, count in record["models"].items():
+        print(f"{experiment}: {count['gmacs']:.2f} GMACs (backbone {count['backbone_gmacs']:.2f}), "
+              f"{count['params_m']:.2f} M parameters")
+    print(f"wrote {out}")
+
+
 def cmd_config(params: Params, args) -> None:
     yaml.safe_dump(_resolve(params, args), sys.stdout, sort_keys=False)
 
@@ -202,7 +218,7 @@ def cmd_tracking_init(params: Params, args) -> None:
 COMMANDS = {
     "prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "table": cmd_table,
     "pyramids": cmd_pyramids, "pyramid-stats": cmd_pyramid_stats, "figure": cmd_figure,
-    "config": cmd_config, "list": cmd_list, "tracking-init": cmd_tracking_init,
+    "flops": cmd_flops, "config": cmd_config, "list": cmd_list, "tracking-init": cmd_tracking_init,
 }
 
 

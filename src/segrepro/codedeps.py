@@ -20,13 +20,16 @@ STAGES = {
     "pyramids": "segrepro.pyramid_store",
     "pyramid_stats": "segrepro.pyramid_stats",
     "figure": "segrepro.figures",
+    "flops": "segrepro.flops",
 }
 
 # The modules only one model family's runs need. A run of another family does not follow their
 # imports, so editing the SaF model does not rerun PSPNet's trainings, and the other way round.
+# Code two families share lives outside these modules (segrepro.models.layers, backbone, losses).
 FAMILY_MODULES = {
     "pspnet": ("segrepro.models.pspnet",),
     "saf": ("segrepro.models.specialize_fuse", "segrepro.saf_analysis"),
+    "hfgd": ("segrepro.models.hfgd",),
 }
 
 
@@ -60,8 +63,8 @@ def _imported_modules(path: Path, module: str) -> set[str]:
 @cache
 def stage_sources(stage: str, family: str | None = None, source_root: str = "src") -> list[str]:
     """Sorted paths (under `source_root`) of every package module the stage's entry module imports,
-    itself and the packages' __init__ files included. With a model `family`, the modules only other
-    families need are left out (unless this family's code imports them too)."""
+    itself and the packages' __init__ files included. With a model `family`, the modules of the other
+    families are left out."""
     root = Path(source_root)
     others = {m for name, modules in FAMILY_MODULES.items() if name != family for m in modules}
     if family is None:

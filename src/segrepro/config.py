@@ -51,10 +51,14 @@ def validate(instance: dict, schema: dict, where: str, prefix: str = "") -> None
 
 
 def deep_merge(base: dict, override: dict | None) -> dict:
-    """A copy of `base` with `override` merged in; nested mappings merge, everything else replaces."""
+    """A copy of `base` with `override` merged in; nested mappings merge, null removes the key
+    (as in JSON Merge Patch, RFC 7386: e.g. a Swin experiment drops the ResNet's timm kwargs),
+    everything else replaces."""
     merged = copy.deepcopy(base)
     for key, value in (override or {}).items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
@@ -91,6 +95,17 @@ class Params:
                 f"(known: {', '.join(experiments)})"
             )
         return experiments[experiment] or {}
+
+    def setting(self, paper: str, name: str | None) -> dict:
+        """A paper's named training setting (HFGD's `plain` / `advanced`); None: no setting."""
+        if name is None:
+            return {}
+        settings = self.paper(paper).get("settings", {})
+        if name not in settings:
+            raise SegreproError(
+                f"unknown training setting '{name}' of paper '{paper}' (known: {', '.join(settings) or 'none'})"
+            )
+        return settings[name]
 
     def scale(self, name: str) -> dict:
         if name not in self.scales:
@@ -139,16 +154,26 @@ class Params:
         self.dataset(name)
         return name
 
+    def table_dataset(self, name: str, scale: str, override: str | None = None) -> str:
+        """The dataset a table's runs use: the command line's, else the table's own for this scale
+        (HFGD Table 17 is COCO-Stuff 10k, Table 12 Cityscapes), else its paper's."""
+        paper, spec = self.table(name)
+        return self.dataset_name(paper, scale, override or spec.get("dataset", {}).get(scale))
+
     def resolve(self, paper: str, experiment: str, scale: str, dataset: str | None = None,
                 seed: int = 0) -> dict:
         """The complete configuration of one run: what the trainer reads and MLflow records."""
         registry = self.paper(paper)
         overrides = self.experiment(paper, experiment)
         scale_profile = self.scale(scale)
+        setting = self.setting(paper, overrides.get("setting", registry.get("setting")))
         run = {"model": registry["model"], "train": scale_profile["train"], "eval": scale_profile["eval"]}
-        layers = (registry.get("scales", {}).get(scale), overrides, overrides.get("scales", {}).get(scale))
+        layers = (registry.get("scales", {}).get(scale), setting, setting.get("scales", {}).get(scale),
+                  overrides, overrides.get("scales", {}).get(scale))
         for layer in layers:
-            run = deep_merge(run, {k: v for k, v in (layer or {}).items() if k not in ("dataset", "scales")})
+            run = deep_merge(run, {k: v for k, v in (layer or {}).items() if k not in ("dataset", "scales", "setting")})
+        # A schedule given as a multiple of the scale's (HFGD Tables 2, 17: 1x, 3x, 6x) stays one at every scale.
+        run["train"]["iterations"] *= run["train"].get("iterations_factor", 1)
         name = self.dataset_name(paper, scale, dataset or overrides.get("dataset"))
         return {
             "paper": paper,
@@ -263,7 +288,22 @@ def _check_cross_references(params: Params) -> None:
                         f"params/papers/{paper}.yaml: tables.{table}: row '{row['label']}' names "
                         f"unknown experiment ID '{row['experiment']}'"
                     )
+            for scale, dataset in spec.get("dataset", {}).items():
+                if dataset not in params.datasets:
+                    raise SegreproError(
+                        f"params/papers/{paper}.yaml: tables.{table}.dataset.{scale}: unknown dataset '{dataset}'"
+                    )
             check_table_spec(table, spec)
+        settings = registry.get("settings", {})
+        uses = [("setting", registry.get("setting"))]
+        uses += [(f"experiments.{name}.setting", (experiment or {}).get("setting"))
+                 for name, experiment in registry["experiments"].items()]
+        for key, setting in uses:
+            if setting is not None and setting not in settings:
+                raise SegreproError(
+                    f"params/papers/{paper}.yaml: {key}: unknown training setting '{setting}' "
+                    f"(known: {', '.join(settings) or 'none'})"
+                )
         for figure, spec in registry.get("figures", {}).items():
             if spec["experiment"] not in registry["experiments"]:
                 raise SegreproError(

@@ -35,3 +35,8 @@ def pyramid_dir(dataset: str, split: str) -> Path:
 
 def figure_path(figure: str) -> Path:
     return RESULTS / "figures" / f"{figure}.png"
+
+
+def flops_path(table: str) -> Path:
+    """The computation counts of a table's models (HFGD Table 9)."""
+    return RESULTS / "flops" / f"{table}.json"

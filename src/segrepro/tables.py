@@ -21,7 +21,9 @@ from segrepro.errors import SegreproError
 
 DEFAULT_PROTOCOL = "ss"
 DEFAULT_CLAIM_METRIC = "miou"
-METRIC_NAMES = {"miou": "mIoU (%)", "pixel_acc": "Pixel Acc. (%)"}
+METRIC_NAMES = {"miou": "mIoU (%)", "pixel_acc": "Pixel Acc. (%)", "gmacs": "GMACs"}
+LOWER_IS_BETTER = {"gmacs"}
+FLOPS_TOLERANCE = 0.03  # a count further than this from the paper's must say why
 MISSING = "–"  # en dash, for a number the paper does not give
 MINUS = "−"  # the real minus sign, so that "−0.45" lines up with "+1.23"
 HEADER_KEYS = ("dataset", "scale", "backbone", "iterations", "seeds")
@@ -231,8 +233,10 @@ def _paper_note(holds: bool | None) -> str:
 def _judge_claim(claim: dict, stats: dict, paper: dict, order: list[str]) -> str:
     """One Markdown line: the verdict on a claim, our evidence, and what the paper's numbers say."""
     metric = claim.get("metric", DEFAULT_CLAIM_METRIC)
-    ours = {key: stats[key][metric] for key in order}
-    theirs = {key: paper[key].get(metric) for key in order}
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0  # "better" then means smaller
+    ours = {key: (sign * mean, std, n) for key, (mean, std, n) in ((k, stats[k][metric]) for k in order)}
+    theirs = {key: None if paper[key].get(metric) is None else sign * paper[key][metric] for key in order}
+    show = lambda value: _fmt(sign * value)  # noqa: E731
 
     if "best" in claim:
         best = row_key(*parse_ref(claim["best"]))
@@ -241,8 +245,8 @@ def _judge_claim(claim: dict, stats: dict, paper: dict, order: list[str]) -> str
         rival = max(others, key=lambda k: ours[k][0])
         holds = ours[best][0] > ours[rival][0]
         evidence = (
-            f"{_short_ref(*parse_ref(claim['best']))} {_fmt(ours[best][0])} vs "
-            f"{'next best' if holds else 'best'} {_short_ref(*rival.split('@'))} {_fmt(ours[rival][0])}"
+            f"{_short_ref(*parse_ref(claim['best']))} {show(ours[best][0])} vs "
+            f"{'next best' if holds else 'best'} {_short_ref(*rival.split('@'))} {show(ours[rival][0])}"
         )
         spread = _within_spread(ours[best], ours[rival])
         if any(theirs[k] is None for k in order):
@@ -256,9 +260,10 @@ def _judge_claim(claim: dict, stats: dict, paper: dict, order: list[str]) -> str
             ok = ours[b][0] > ours[t][0]
             holds = holds and ok
             spread = spread or _within_spread(ours[b], ours[t])
+            relation = ("<" if ok else "≥") if sign < 0 else (">" if ok else "≤")
             parts.append(
-                f"{_short_ref(*b.split('@'))} {_fmt(ours[b][0])} {'>' if ok else '≤'} "
-                f"{_short_ref(*t.split('@'))} {_fmt(ours[t][0])}"
+                f"{_short_ref(*b.split('@'))} {show(ours[b][0])} {relation} "
+                f"{_short_ref(*t.split('@'))} {show(ours[t][0])}"
             )
         evidence = "; ".join(parts)
         if any(theirs[k] is None for pair in pairs for k in pair):
@@ -271,6 +276,32 @@ def _judge_claim(claim: dict, stats: dict, paper: dict, order: list[str]) -> str
     verdict = "✅ reproduced" if holds else "❌ not reproduced"
     mark = " (within seed spread)" if spread else ""
     return f"- {verdict}: {claim['claim']}{mark} — {evidence} ({_paper_note(paper_holds)})"
+
+
+def _flops_lines(spec: dict, counts: dict, paper: dict, order: list[str]) -> list[str]:
+    """How the computation was counted, each row's count split into backbone and head, and why a
+    count more than FLOPS_TOLERANCE away from the paper's differs (the row's `flops_note`, or a
+    plain statement that nobody explained it)."""
+    settings = spec["flops"]
+    lines = [
+        "",
+        f"GMACs: multiply-adds (1e9) of the test-time forward pass on one {settings['input_size']}²"
+        " RGB image, counted with torch's FlopCounterMode (FLOPs / 2) on the model as built at the"
+        f" '{settings.get('scale', 'paper')}' scale; the paper's counter is undocumented, its values"
+        " behave like multiply-adds (fvcore/mmcv \"GFLOPs\").",
+        "",
+    ]
+    for row, key in zip(spec["rows"], order):
+        count, theirs = counts[row["experiment"]], paper[key].get("gmacs")
+        ours = count["gmacs"]
+        line = (f"- {row['label']}: {_fmt(ours)} = backbone {_fmt(count['backbone_gmacs'])}"
+                f" + rest {_fmt(ours - count['backbone_gmacs'])}")
+        if theirs is not None:
+            line += f"; the paper's {_fmt(theirs)} ({_fmt_delta(100 * (ours - theirs) / theirs)} %)"
+            if abs(ours - theirs) > FLOPS_TOLERANCE * theirs:
+                line += ". " + (row.get("flops_note") or "Not explained.")
+        lines.append(line)
+    return lines
 
 
 def _cell(text: str) -> str:
@@ -305,10 +336,12 @@ def header_lines(name: str, spec: dict, header: dict) -> list[str]:
     return lines
 
 
-def build_table(name: str, spec: dict, results: dict[str, list[dict]], header: dict) -> tuple[str, pd.DataFrame]:
+def build_table(name: str, spec: dict, results: dict[str, list[dict]], header: dict,
+                flops: dict | None = None) -> tuple[str, pd.DataFrame]:
     """Render one paper table as Markdown and as a DataFrame (the CSV beside the .md).
 
-    `results` maps row_key(experiment, protocol) to one metric dict per seed (numbers in percent).
+    `results` maps row_key(experiment, protocol) to one metric dict per seed (numbers in percent);
+    `flops`, for a spec with a `flops` section, the counts of segrepro.flops per experiment.
     Raises SegreproError on a bad spec, a missing row or metric, or a header without a required key.
     """
     check_table_spec(name, spec)
@@ -357,6 +390,10 @@ def build_table(name: str, spec: dict, results: dict[str, list[dict]], header: d
     if spec.get("grid"):
         text += _grid_lines(spec, stats, paper, order)
     text += [*table, *lines]
+    if spec.get("flops"):
+        if not flops:
+            raise SegreproError(f"table {name!r} shows computation but no counts were given")
+        text += _flops_lines(spec, flops, paper, order)
     claims = spec.get("claims") or []
     if claims:
         text += ["", "## Claims", ""]
@@ -393,12 +430,20 @@ def load_metrics(path) -> dict:
     return data
 
 
+def _load_flops(path: Path) -> dict:
+    record = load_metrics(path)
+    if not isinstance(record.get("models"), dict):
+        raise SegreproError(f"{path} holds no model counts")
+    return record
+
+
 def write_paper_table(params, name: str, scale: str, dataset: str | None, seeds: list[int], out: Path) -> None:
     """Collect the metrics files of every (row, seed) of a declared table and write it."""
     from segrepro import paths
 
     paper, spec = params.checked_table(name, scale)
-    dataset_name = params.dataset_name(paper, scale, dataset)
+    dataset_name = params.table_dataset(name, scale, dataset)
+    counts = _load_flops(paths.flops_path(name))["models"] if spec.get("flops") else {}
     results = {}
     for row in spec["rows"]:
         key = row_key(row["experiment"], row["protocol"])
@@ -406,6 +451,10 @@ def write_paper_table(params, name: str, scale: str, dataset: str | None, seeds:
             load_metrics(paths.metrics_path(scale, dataset_name, paper, row["experiment"], seed, row["protocol"]))
             for seed in seeds
         ]
+        if spec.get("flops"):
+            if row["experiment"] not in counts:
+                raise SegreproError(f"{paths.flops_path(name)} has no count for {row['experiment']}: run `segrepro flops {name}`")
+            results[key] = [dict(run, gmacs=counts[row["experiment"]]["gmacs"]) for run in results[key]]
     runs = [run for per_seed in results.values() for run in per_seed]
 
     def distinct(values) -> list:
@@ -421,7 +470,8 @@ def write_paper_table(params, name: str, scale: str, dataset: str | None, seeds:
         "commits": distinct(run["train"]["git_commit"] for run in runs),
         "note": f"Paper: {registry['reported_protocol']}. Ours: {dataset_name} at scale '{scale}'"
         + ("." if scale == "paper" else "; Δ compares different data and model sizes, the claims compare"
-           " our rows with each other."),
+           " our rows with each other.")
+        + (f" {spec['notes'][scale]}" if scale in spec.get("notes", {}) else ""),
     }
     if spec.get("kind") == "level_matrix":
         from segrepro.saf_report import write_level_table
@@ -434,5 +484,5 @@ def write_paper_table(params, name: str, scale: str, dataset: str | None, seeds:
             )
         write_level_table(name, spec, [run["levels"] for run in runs], header, out)
         return
-    text, frame = build_table(name, spec, results, header)
+    text, frame = build_table(name, spec, results, header, counts)
     write_table(out, text, frame)

@@ -1,8 +1,9 @@
 """The one trainer every paper's experiments go through.
 
-SGD with momentum, poly learning-rate decay, iteration-based; bf16 autocast on CUDA. Everything
-random is a function of (seed, iteration), so a job killed after a checkpoint and started again
-resumes from it and ends with exactly the model an unbroken run gives (on the CPU).
+SGD with momentum (or AdamW, HFGD's advanced setting), poly learning-rate decay, iteration-based;
+bf16 autocast on CUDA. Everything random is a function of (seed, iteration), so a job killed after
+a checkpoint and started again resumes from it and ends with exactly the model an unbroken run
+gives (on the CPU).
 """
 
 from __future__ import annotations
@@ -39,6 +40,38 @@ def pick_device(requested: str | None = None) -> torch.device:
 def _iteration_seed(seed: int, iteration: int) -> int:
     # Dropout and any other in-model randomness restart from the same state after a resume.
     return (seed * 1_000_003 + iteration) % (2**63)
+
+
+# Parameters AdamW leaves undecayed besides biases and norm weights (any parameter of ndim <= 1):
+# position tables, embeddings and the patch embedding of transformer backbones (as the HFGD
+# authors' AdamW).
+NO_DECAY_NAMES = ("relative_position_bias_table", "pos_embed", "cls_token", "patch_embed")
+
+
+def decays(name: str, parameter: torch.nn.Parameter) -> bool:
+    """Whether AdamW applies weight decay to this named parameter."""
+    return parameter.ndim > 1 and not any(key in name for key in NO_DECAY_NAMES)
+
+
+def build_optimizer(model: torch.nn.Module, settings: dict) -> torch.optim.Optimizer:
+    """The optimizer the run's `train` settings name (`optimizer`, default "sgd").
+
+    sgd: momentum, weight decay on every parameter. adamw: decoupled weight decay, default betas,
+    two groups: decayed (param_groups[0]) and undecayed (param_groups[1], see `decays`).
+    The learning rate of every group is set at each step (poly decay).
+    """
+    name = settings.get("optimizer", "sgd")
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=settings["lr"], momentum=settings["momentum"],
+                               weight_decay=settings["weight_decay"])
+    if name == "adamw":
+        named = list(model.named_parameters())
+        groups = [
+            {"params": [p for n, p in named if decays(n, p)], "weight_decay": settings["weight_decay"]},
+            {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=settings["lr"], weight_decay=settings["weight_decay"])
+    raise SegreproError(f"train.optimizer {name!r} is not one of: sgd, adamw")
 
 
 def _load_checkpoint(path: Path, expected_hash: str):
@@ -81,10 +114,7 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
             f"{config['paper']}/{config['experiment']}: train.crop_size {settings['crop_size']} is not a "
             f"multiple of the coarsest output stride {coarsest}"
         )
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=settings["lr"], momentum=settings["momentum"],
-        weight_decay=settings["weight_decay"],
-    )
+    optimizer = build_optimizer(model, settings)
 
     start = 0
     state = _load_checkpoint(run_dir / CHECKPOINT, digest)
@@ -105,6 +135,7 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
         crop_size=settings["crop_size"], scale_range=tuple(settings["scale_range"]),
         flip=settings["flip"], brightness=settings["brightness"], seed=config["seed"],
         start_iteration=start, iterations=iterations, num_workers=settings["num_workers"],
+        photometric=settings.get("photometric", False),
     )
     tags = {
         "paper": config["paper"], "experiment": config["experiment"], "scale": config["scale"],
@@ -158,7 +189,8 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
 
 
 def _step(model, optimizer, images, labels, lr: float) -> tuple[float, dict[str, float]]:
-    """One SGD step at learning rate `lr`; bf16 autocast on CUDA (the loss is taken in fp32)."""
+    """One optimizer step at learning rate `lr` (in every parameter group); bf16 autocast on CUDA
+    (the loss is taken in fp32)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):

@@ -115,12 +115,38 @@ def table_metrics(wildcards):
         paper, spec = PARAMS.checked_table(wildcards.table, SCALE)
     except SegreproError as err:
         raise WorkflowError(str(err)) from None
-    dataset = PARAMS.dataset_name(paper, SCALE, DATASET)
+    dataset = PARAMS.table_dataset(wildcards.table, SCALE, DATASET)
     return [
         paths.metrics_path(SCALE, dataset, paper, row["experiment"], seed, row["protocol"])
         for row in spec["rows"]
         for seed in SEEDS
     ]
+
+
+def table_flops(wildcards):
+    """A table that shows computation reads its models' counts."""
+    if PARAMS.table(wildcards.table)[1].get("flops"):
+        return {"flops": str(paths.flops_path(wildcards.table))}
+    return {}
+
+
+def table_family_code(stage):
+    """The source files a stage runs for the model family of the table's paper."""
+
+    def sources(wildcards):
+        paper = PARAMS.table(wildcards.table)[0]
+        return stage_sources(stage, PARAMS.paper(paper)["model"]["family"])
+
+    return sources
+
+
+def table_models(wildcards):
+    """The model configurations a computation count depends on (at the scale it counts at)."""
+    paper, spec = PARAMS.table(wildcards.table)
+    scale = spec["flops"].get("scale", "paper")
+    return {row["experiment"]: PARAMS.resolve(paper, row["experiment"], scale)["model"] for row in spec["rows"]} | {
+        "flops": spec["flops"]
+    }
 
 
 def table_spec(wildcards):

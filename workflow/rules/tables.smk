@@ -1,6 +1,7 @@
 rule table:
     """A paper table (Markdown + CSV) from the metrics files of its rows and seeds."""
     input:
+        unpack(table_flops),
         metrics=table_metrics,
         code=stage_sources("table"),
     output:
@@ -19,3 +20,20 @@ rule table:
     shell:
         "segrepro table {wildcards.table} --scale {params.scale} {params.dataset_option}"
         " --seeds {params.seeds} --out {output.md} > {log} 2>&1"
+
+
+rule flops:
+    """The multiply-adds of a table's models on one image (HFGD Table 9); nothing is trained."""
+    input:
+        code=table_family_code("flops"),
+    output:
+        "results/flops/{table}.json",
+    params:
+        models=table_models,
+    localrule: True
+    conda:
+        "../envs/segrepro.yaml"
+    log:
+        "logs/flops/{table}.log",
+    shell:
+        "segrepro flops {wildcards.table} --out {output} > {log} 2>&1"

@@ -133,43 +133,62 @@ def _pair(size) -> tuple[int, int]:
 
 
 class TrainAugment:
-    """Random scale, horizontal flip, brightness and crop, as in the papers' training.
+    """Random scale, horizontal flip, photometric distortion, brightness and crop, as in the
+    papers' training.
 
     Called with (image uint8 HxWx3 array or PIL image, label uint8 HxW, rng); returns
     (image float32 HxWx3 on the 0-255 scale, label uint8 HxW) of size `crop_size`.
     Where the scaled image is smaller than the crop, the image is padded with the ImageNet
     mean colour (0 once normalised) and the label with `ignore_index`.
+
+    With `photometric` (HFGD's advanced setting), after the scale and before the brightness:
+    with probability 0.5 the contrast is scaled by a factor in [0.5, 1.5] (a blend with the
+    image's mean grey level), then with probability 0.5 the saturation by a factor in
+    [0.5, 1.5] (a blend with each pixel's grey level); each result is clipped to [0, 255].
     """
 
     def __init__(self, crop_size, scale_range=(0.5, 2.0), flip: bool = True,
-                 brightness: float = 0.0, ignore_index: int = 255):
+                 brightness: float = 0.0, ignore_index: int = 255, photometric: bool = False):
         self.crop_h, self.crop_w = _pair(crop_size)
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.flip = bool(flip)
         self.brightness = float(brightness)
         self.ignore_index = int(ignore_index)
+        self.photometric = bool(photometric)
 
     def __call__(self, image, label, rng: np.random.Generator):
         image = np.asarray(image, dtype=np.uint8)
         label = np.asarray(label, dtype=np.uint8)
-        # Draw every random number in a fixed order, whatever the options, so seeds mean the same.
+        h, w = label.shape
+        # Draw every random number in a fixed order, whatever the options, so seeds mean the same
+        # (the photometric draws come last: turning them on changes no geometry).
         scale = rng.uniform(*self.scale_range)
         do_flip = rng.random() < 0.5
         gain = rng.uniform(1.0 - self.brightness, 1.0 + self.brightness)
-
-        h, w = label.shape
         new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+        pad_h, pad_w = max(0, self.crop_h - new_h), max(0, self.crop_w - new_w)
+        y0 = int(rng.integers(0, new_h + pad_h - self.crop_h + 1))
+        x0 = int(rng.integers(0, new_w + pad_w - self.crop_w + 1))
+        do_contrast = rng.random() < 0.5
+        contrast = rng.uniform(0.5, 1.5)
+        do_saturation = rng.random() < 0.5
+        saturation = rng.uniform(0.5, 1.5)
+
         if (new_w, new_h) != (w, h):
             image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
             label = np.asarray(Image.fromarray(label).resize((new_w, new_h), Image.NEAREST))
         if self.flip and do_flip:
             image, label = image[:, ::-1], label[:, ::-1]
         image = image.astype(np.float32)
+        if self.photometric:
+            if do_contrast:
+                image = adjust_contrast(image, contrast)
+            if do_saturation:
+                image = adjust_saturation(image, saturation)
         if self.brightness > 0:
             image = np.clip(image * gain, 0.0, 255.0)
 
-        # Pad evenly on both sides to at least the crop, then crop at a random offset.
-        pad_h, pad_w = max(0, self.crop_h - new_h), max(0, self.crop_w - new_w)
+        # Pad evenly on both sides to at least the crop, then crop at the drawn offset.
         if pad_h or pad_w:
             padded = np.empty((new_h + pad_h, new_w + pad_w, 3), np.float32)
             padded[:] = IMAGENET_MEAN
@@ -178,11 +197,28 @@ class TrainAugment:
             padded[top:top + new_h, left:left + new_w] = image
             padded_label[top:top + new_h, left:left + new_w] = label
             image, label = padded, padded_label
-        y0 = int(rng.integers(0, image.shape[0] - self.crop_h + 1))
-        x0 = int(rng.integers(0, image.shape[1] - self.crop_w + 1))
         image = image[y0:y0 + self.crop_h, x0:x0 + self.crop_w]
         label = label[y0:y0 + self.crop_h, x0:x0 + self.crop_w]
         return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+
+def grey(image: np.ndarray) -> np.ndarray:
+    """Per-pixel grey level HxW of a float32 HxWx3 image (ITU-R BT.601 luma weights, as PIL's
+    "L" conversion), in float32."""
+    return (np.float32(0.299) * image[..., 0] + np.float32(0.587) * image[..., 1]
+            + np.float32(0.114) * image[..., 2])
+
+
+def adjust_contrast(image: np.ndarray, factor: float) -> np.ndarray:
+    """Blend a float32 HxWx3 image with its mean grey level: mean + factor * (image - mean)."""
+    mean = np.float32(grey(image).mean())
+    return np.clip(mean + np.float32(factor) * (image - mean), 0.0, 255.0)
+
+
+def adjust_saturation(image: np.ndarray, factor: float) -> np.ndarray:
+    """Blend a float32 HxWx3 image with its grey image: grey + factor * (image - grey)."""
+    g = grey(image)[..., None]
+    return np.clip(g + np.float32(factor) * (image - g), 0.0, 255.0)
 
 
 def normalize(image: np.ndarray) -> torch.Tensor:
@@ -319,10 +355,11 @@ class IterationBatchSampler:
 
 def make_train_loader(root, split: str, batch_size: int, crop_size, scale_range, flip: bool,
                       brightness: float, seed: int, start_iteration: int, iterations: int,
-                      num_workers: int = 0) -> DataLoader:
+                      num_workers: int = 0, photometric: bool = False) -> DataLoader:
     """DataLoader over augmented batches for iterations start_iteration .. iterations - 1."""
     dataset = SegmentationDataset(root, split)
-    dataset.transform = TrainAugment(crop_size, scale_range, flip, brightness, dataset.ignore_index)
+    dataset.transform = TrainAugment(crop_size, scale_range, flip, brightness, dataset.ignore_index,
+                                     photometric=photometric)
     if len(dataset) < batch_size:
         raise SegreproError(
             f"{dataset.split_file}: {len(dataset)} images, fewer than the batch size {batch_size}")

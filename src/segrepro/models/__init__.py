@@ -14,4 +14,8 @@ def build_model(model_config: dict, num_classes: int, ignore_index: int = 255):
         from segrepro.models.specialize_fuse import SpecializeFuse
 
         return SpecializeFuse(model_config, num_classes, ignore_index)
+    if family == "hfgd":
+        from segrepro.models.hfgd import HFGD
+
+        return HFGD(model_config, num_classes, ignore_index)
     raise SegreproError(f"unknown model family '{family}'")

@@ -50,24 +50,31 @@ def create_timm_model(name: str, pretrained: bool | str, **kwargs) -> nn.Module:
 
 
 class Backbone(nn.Module):
+    """Always NCHW, whatever layout the timm model's stages produce (Swin's are NHWC)."""
+
     def __init__(self, name: str, out_indices: tuple[int, ...], output_stride: int = 32,
                  pretrained: bool | str = False, kwargs: dict | None = None):
         super().__init__()
         if not timm.is_model(name):
             raise SegreproError(f"unknown timm backbone '{name}'")
+        # Only dilatable models (ResNets, ConvNeXts) take an output stride; 32 is everyone's default.
+        stride = {"output_stride": output_stride} if output_stride != 32 else {}
         self.body = create_timm_model(
-            name,
-            pretrained,
-            features_only=True,
-            out_indices=tuple(out_indices),
-            output_stride=output_stride,
-            **(kwargs or {}),
+            name, pretrained, features_only=True, out_indices=tuple(out_indices), **stride, **(kwargs or {}),
         )
         self.feature_info = self.body.feature_info
+        self.channels_last = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")
 
     @property
     def channels(self) -> list[int]:
         return self.feature_info.channels()
 
+    @property
+    def reductions(self) -> list[int]:
+        return self.feature_info.reduction()
+
     def forward(self, x):
-        return self.body(x)
+        features = self.body(x)
+        if self.channels_last:
+            features = [f.permute(0, 3, 1, 2) for f in features]
+        return features

@@ -12,15 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from segrepro.models.backbone import Backbone
+from segrepro.models.layers import conv_bn_relu
 from segrepro.models.losses import masked_cross_entropy
-
-
-def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
 
 
 class PyramidPooling(nn.Module):

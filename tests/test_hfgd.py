@@ -1,0 +1,162 @@
+"""The HFGD network: gradient isolation of HFGM (Sec. 3.1) proved with autograd, output strides,
+and every experiment of the registry trained one step and evaluated at the tiny scale."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from segrepro import inference
+from segrepro.config import deep_merge, load_params
+from segrepro.errors import SegreproError
+from segrepro.models import build_model
+from segrepro.train import _step, build_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 5
+
+
+@pytest.fixture(scope="module")
+def params():
+    return load_params(ROOT)
+
+
+def tiny_model(params, experiment: str, **model):
+    config = deep_merge(params.resolve("hfgd", experiment, "tiny")["model"], model)
+    torch.manual_seed(0)
+    return build_model(config, NUM_CLASSES)
+
+
+def batch(size=(48, 64)):
+    torch.manual_seed(1)
+    labels = torch.randint(0, NUM_CLASSES, (2, *size))
+    labels[:, :3] = 255
+    return torch.randn(2, 3, *size), labels
+
+
+def gradients_from(model, outputs, loss) -> dict[str, bool]:
+    """Which parameter groups a loss reaches: {group: any parameter with a non-zero gradient}."""
+    model.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)
+    groups = {
+        "backbone": model.backbone,
+        "encoder": model.encoder,
+        "tokens": model.classifier,
+        "upsampler": model.upsampler,
+        "axial_attention": model.axial_attention,
+    }
+    return {
+        name: any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+        for name, module in groups.items()
+        if module is not None
+    }
+
+
+def test_guidance_isolates_the_upsampler_from_backbone_and_tokens(params):
+    model = tiny_model(params, "usfpn_cae_hfgm").train()
+    images, labels = batch()
+    outputs = model(images)
+    _, parts = model.loss(outputs, labels)
+    # Only the upsampler's loss: backbone, encoder and class tokens get nothing.
+    assert gradients_from(model, outputs, parts["main"]) == {
+        "backbone": False, "encoder": False, "tokens": False, "upsampler": True, "axial_attention": True,
+    }
+    # Only the guiding (OS-32) branch's loss: the upsampler gets nothing.
+    assert gradients_from(model, outputs, parts["guide"]) == {
+        "backbone": True, "encoder": True, "tokens": True, "upsampler": False, "axial_attention": False,
+    }
+    # CAR's losses train the encoder and the backbone, never the upsampler.
+    car = gradients_from(model, outputs, parts["car_intra"] + parts["car_c2c"] + parts["car_c2p"])
+    assert car["backbone"] and car["encoder"] and not car["upsampler"] and not car["tokens"]
+
+
+def test_without_stop_gradients_the_upsampler_trains_everything(params):
+    model = tiny_model(params, "sfpn_identity_hfgm_no_stop").train()
+    images, labels = batch()
+    outputs = model(images)
+    reached = gradients_from(model, outputs, model.loss(outputs, labels)[1]["main"])
+    assert all(reached.values()), reached
+
+
+def test_without_guidance_the_upsampler_has_its_own_classifier(params):
+    model = tiny_model(params, "sfpn_identity_aa").train()
+    images, labels = batch()
+    outputs = model(images)
+    assert set(outputs) == {"out"}  # no guiding branch, no CAR
+    reached = gradients_from(model, outputs, model.loss(outputs, labels)[0])
+    assert reached["backbone"] and reached["upsampler"] and reached["axial_attention"]
+    assert not reached["tokens"]  # the OS-32 tokens are unused: the upsampler's classifier decides
+
+
+def test_guided_prediction_uses_the_tokens_of_the_guiding_branch(params):
+    model = tiny_model(params, "sfpn_identity_guidance").eval()
+    captured = {}
+    model.upsampler.register_forward_hook(lambda module, args, out: captured.setdefault("feature", out))
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = model.predict(images)
+        logits = model.classifier(captured["feature"])  # the same kernel and bias, by hand
+        expected = torch.nn.functional.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=True)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert not hasattr(model, "upsampler_classifier") or model.upsampler_classifier is None
+
+
+@pytest.mark.parametrize("experiment, stride, feature_stride", [
+    ("fcn_identity", 32, 32),
+    ("d8_identity", 8, 8),
+    ("usfpn_cae_hfgm", 4, 4),
+    ("usfpn_cae_hfgm_os2", 2, 2),
+    ("d8_deeplabv3p_hfgm", 4, 4),
+    ("swin_usfpn_cae_hfgm", 4, 4),
+])
+def test_output_strides(params, experiment, stride, feature_stride):
+    model = tiny_model(params, experiment).eval()
+    assert model.output_stride == stride
+    captured = {}
+    last = model.upsampler if model.upsampler is not None else model.encoder
+    last.register_forward_hook(lambda module, args, out: captured.setdefault("feature", out))
+    with torch.no_grad():
+        out = model.predict(torch.randn(1, 3, 64, 96))
+    feature = captured["feature"][0] if isinstance(captured["feature"], tuple) else captured["feature"]
+    assert feature.shape[-2:] == (64 // feature_stride, 96 // feature_stride)
+    assert out.shape == (1, NUM_CLASSES, 64, 96)
+
+
+def test_sides_that_do_not_divide_by_32_are_predicted_whole(params):
+    for experiment in ("usfpn_cae_hfgm", "swin_usfpn_cae_hfgm", "convnext_usfpn_cae_hfgm"):
+        model = tiny_model(params, experiment).eval()
+        with torch.no_grad():
+            assert model.predict(torch.randn(1, 3, 50, 70)).shape == (1, NUM_CLASSES, 50, 70)
+
+
+def test_hfgm_needs_an_upsampler(params):
+    with pytest.raises(SegreproError, match="HFGM needs an upsampler"):
+        tiny_model(params, "fcn_identity", hfgm={"guidance": True})
+
+
+def test_the_full_model_learns_a_batch(params):
+    model = tiny_model(params, "usfpn_cae_hfgm").train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    images, labels = batch((64, 64))
+    labels[:, 3:] = (torch.arange(64) // 16 % NUM_CLASSES)[None, None, :].expand(2, 61, 64)
+    images[:, 0] += labels.clamp(max=NUM_CLASSES).float()  # make the classes visible
+    losses = [_step(model, optimizer, images, labels, 0.05)[1]["main"] for _ in range(30)]
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_every_experiment_trains_a_step_and_evaluates(params):
+    """All of the registry: one optimizer step with its own setting's optimizer, then a
+    multi-scale + flip evaluation of two odd-sized images."""
+    dataset = [(torch.randn(3, 40, 56), torch.randint(0, NUM_CLASSES, (40, 56)), "a"),
+               (torch.randn(3, 50, 38), torch.randint(0, NUM_CLASSES, (50, 38)), "b")]
+    images, labels = batch()
+    for experiment in params.paper("hfgd")["experiments"]:
+        config = params.resolve("hfgd", experiment, "tiny")
+        model = tiny_model(params, experiment).train()
+        optimizer = build_optimizer(model, config["train"])
+        loss, parts = _step(model, optimizer, images, labels, config["train"]["lr"])
+        assert torch.isfinite(torch.tensor(loss)) and loss > 0, experiment
+        assert "main" in parts and ("guide" in parts) == model.guidance, experiment
+        matrix = inference.evaluate(model.eval().predict, dataset, {"scales": [0.75, 1.25], "flip": True}, "cpu",
+                                    NUM_CLASSES, crop_size=48, progress=False)
+        assert matrix.matrix.sum() == 40 * 56 + 50 * 38, experiment
