@@ -116,3 +116,11 @@ def test_committed_data_version_is_regenerated_exactly(tmp_path, dvc_env):
         "data.dvc no longer matches `segrepro prepare synthetic`: the generator or its declaration "
         "changed, or data/ was added holding other datasets; rerun `dvc add data` on purpose"
     )
+
+
+def test_dvc_repro_tracks_every_params_file():
+    """`dvc repro` must see a change to any paper's registry, scale or dataset declaration."""
+    stage = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]["tables"]
+    tracked = {next(iter(entry)) for entry in stage["params"]}
+    files = {str(path.relative_to(PROJECT)) for path in (PROJECT / "params").rglob("*.yaml")}
+    assert tracked == files

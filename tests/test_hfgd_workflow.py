@@ -5,26 +5,17 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import pandas as pd
 import pytest
-from conftest import copy_project
-from test_workflow import parse_markdown_table, project_env, snakemake, to_float
+from test_workflow import build_from_nothing, parse_markdown_table, to_float
 
 TARGETS = ["results/tables/hfgd_table9.md", "results/tables/hfgd_table2.md"]
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, mlflow_store_template):
-    base = tmp_path_factory.mktemp("hfgd")
-    root = base / "project"
-    copy_project(root)
-    shutil.copy2(mlflow_store_template, base / "mlflow.db")
-    result = snakemake(root, *TARGETS, "--cores", "2", "--config", "scale=tiny",
-                       env=project_env(base / "mlflow.db"))
-    assert result.returncode == 0, result.stdout[-5000:]
-    return root
+    return build_from_nothing(tmp_path_factory.mktemp("hfgd"), mlflow_store_template, TARGETS)
 
 
 @pytest.mark.slow

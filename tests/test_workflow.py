@@ -135,6 +135,17 @@ def project_env(db: Path) -> dict:
     return env
 
 
+def build_from_nothing(base: Path, mlflow_store_template: Path, targets: list[str]) -> Path:
+    """A copy of the project (no data/, no results/) under base/project with `targets` built at
+    the tiny scale; the end-to-end tests of each paper start from it."""
+    root = base / "project"
+    copy_project(root)
+    shutil.copy2(mlflow_store_template, base / "mlflow.db")
+    result = snakemake(root, *targets, "--cores", "2", *TINY_CONFIG, env=project_env(base / "mlflow.db"))
+    assert result.returncode == 0, result.stdout[-5000:]
+    return root
+
+
 # ----------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")

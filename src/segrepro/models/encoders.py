@@ -216,8 +216,8 @@ class CAREncoder(nn.Module):
 
 def build_encoder(config: dict, in_channels: int, channels: int, output_stride: int) -> nn.Module:
     """The extra encoding `config["type"]` on F (in_channels, at `output_stride`), producing
-    `channels`. Optional keys: hidden (512), key_channels (64 for SA; OCR's attention width,
-    256 unless given), wide (2048, CAE), rates ([3, 6, 9] at OS 32, times 32 // output_stride),
+    `channels`. Optional keys: hidden (512), key_channels (64, the self-attention's query/key
+    width; OCR's attention is `channels` wide), wide (2048, CAE), rates ([3, 6, 9] at OS 32, times 32 // output_stride),
     bins ([1, 2, 3, 6], PPM), num_classes (OCR's soft object regions; required for 'ocr')."""
     kind = config.get("type")
     hidden = int(config.get("hidden", 512))
@@ -236,9 +236,9 @@ def build_encoder(config: dict, in_channels: int, channels: int, output_stride: 
     if kind == "ocr":
         if config.get("num_classes") is None:
             raise SegreproError("the 'ocr' encoder needs num_classes for its soft object regions")
-        ocr_keys = int(config.get("key_channels", 256))  # CAR's ObjectAttentionBlock is 256 wide
+        # CAR's object attention is 256 wide, as the class tokens: it scales with `channels`.
         return PlainEncoder(
-            ObjectContextualRepresentations(in_channels, hidden, ocr_keys, int(config["num_classes"])),
+            ObjectContextualRepresentations(in_channels, hidden, channels, int(config["num_classes"])),
             conv_bn_relu(hidden, channels, 1),
         )
     if kind == "sa":
