@@ -233,10 +233,16 @@ def _paper_note(holds: bool | None) -> str:
 def _judge_claim(claim: dict, stats: dict, paper: dict, order: list[str]) -> str:
     """One Markdown line: the verdict on a claim, our evidence, and what the paper's numbers say."""
     metric = claim.get("metric", DEFAULT_CLAIM_METRIC)
-    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0  # "better" then means smaller
-    ours = {key: (sign * mean, std, n) for key, (mean, std, n) in ((k, stats[k][metric]) for k in order)}
-    theirs = {key: None if paper[key].get(metric) is None else sign * paper[key][metric] for key in order}
-    show = lambda value: _fmt(sign * value)  # noqa: E731
+    # For a lower-is-better metric the comparisons run on negated values, so "better" is smaller.
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    ours, theirs = {}, {}
+    for key in order:
+        mean, std, n = stats[key][metric]
+        ours[key] = (sign * mean, std, n)
+        theirs[key] = None if paper[key].get(metric) is None else sign * paper[key][metric]
+
+    def show(value: float) -> str:
+        return _fmt(sign * value)
 
     if "best" in claim:
         best = row_key(*parse_ref(claim["best"]))
