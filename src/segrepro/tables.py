@@ -436,7 +436,9 @@ def load_metrics(path) -> dict:
     return data
 
 
-def _load_flops(path: Path) -> dict:
+def _load_flops(name: str, path: Path) -> dict:
+    if not path.is_file():
+        raise SegreproError(f"{path}: computation counts not found (run `segrepro flops {name}`)")
     record = load_metrics(path)
     if not isinstance(record.get("models"), dict):
         raise SegreproError(f"{path} holds no model counts")
@@ -449,7 +451,7 @@ def write_paper_table(params, name: str, scale: str, dataset: str | None, seeds:
 
     paper, spec = params.checked_table(name, scale)
     dataset_name = params.table_dataset(name, scale, dataset)
-    counts = _load_flops(paths.flops_path(name))["models"] if spec.get("flops") else {}
+    counts = _load_flops(name, paths.flops_path(name))["models"] if spec.get("flops") else {}
     results = {}
     for row in spec["rows"]:
         key = row_key(row["experiment"], row["protocol"])

@@ -32,11 +32,12 @@ onstart:
     shell("segrepro tracking-init")
 
 
-def family_code(stage):
-    """The source files a stage runs for the model family of the job's paper."""
+def family_code(stage, paper_of=lambda wildcards: wildcards.paper):
+    """The source files a stage runs for the model family of the job's paper (by default the
+    `paper` wildcard; `paper_of` finds it otherwise)."""
 
     def sources(wildcards):
-        return stage_sources(stage, PARAMS.paper(wildcards.paper)["model"]["family"])
+        return stage_sources(stage, PARAMS.paper(paper_of(wildcards))["model"]["family"])
 
     return sources
 
@@ -128,16 +129,6 @@ def table_flops(wildcards):
     if PARAMS.table(wildcards.table)[1].get("flops"):
         return {"flops": str(paths.flops_path(wildcards.table))}
     return {}
-
-
-def table_family_code(stage):
-    """The source files a stage runs for the model family of the table's paper."""
-
-    def sources(wildcards):
-        paper = PARAMS.table(wildcards.table)[0]
-        return stage_sources(stage, PARAMS.paper(paper)["model"]["family"])
-
-    return sources
 
 
 def table_models(wildcards):

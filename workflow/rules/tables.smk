@@ -25,7 +25,7 @@ rule table:
 rule flops:
     """The multiply-adds of a table's models on one image (HFGD Table 9); nothing is trained."""
     input:
-        code=table_family_code("flops"),
+        code=family_code("flops", paper_of=lambda wildcards: PARAMS.table(wildcards.table)[0]),
     output:
         "results/flops/{table}.json",
     params:

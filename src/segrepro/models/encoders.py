@@ -24,7 +24,7 @@ from torch import nn
 
 from segrepro.errors import SegreproError
 from segrepro.models.car import CARModule
-from segrepro.models.layers import conv_bn_relu
+from segrepro.models.layers import conv_bn_relu, resize
 
 ENCODER_TYPES = ("none", "identity", "aspp", "ocr", "sa", "sa_car", "cae", "ppm")
 
@@ -35,10 +35,6 @@ def _share_initial_values(source: nn.Conv2d, target: nn.Conv2d) -> None:
     with torch.no_grad():
         target.weight.copy_(source.weight)
         target.bias.copy_(source.bias)
-
-
-def _resize(x: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
 class SelfAttention(nn.Module):
@@ -182,7 +178,7 @@ class PyramidPoolingModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
-        levels = [_resize(conv(F.adaptive_avg_pool2d(x, bins)), size) for bins, conv in zip(self.bins, self.levels)]
+        levels = [resize(conv(F.adaptive_avg_pool2d(x, bins)), size) for bins, conv in zip(self.bins, self.levels)]
         return self.fuse(torch.cat([x, *levels], dim=1))
 
 

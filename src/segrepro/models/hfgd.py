@@ -24,16 +24,12 @@ from segrepro.errors import SegreproError
 from segrepro.models.backbone import Backbone
 from segrepro.models.car import car_losses
 from segrepro.models.encoders import AxialAttention, build_encoder
+from segrepro.models.layers import resize
 from segrepro.models.losses import masked_cross_entropy
 from segrepro.models.upsamplers import build_upsampler
 
 # timm's feature stages: a ResNet's stem output is index 0, Swin's and ConvNeXt's first stage is.
 STAGE_INDICES = {"resnet": (1, 2, 3, 4), "swin": (0, 1, 2, 3), "convnext": (0, 1, 2, 3)}
-
-
-def resize(x: torch.Tensor, size) -> torch.Tensor:
-    # The authors resize everything with align_corners=True (513 -> 257 -> 129 -> 65 -> 33 -> 17).
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
 class StageBackbone(nn.Module):

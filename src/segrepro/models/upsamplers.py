@@ -22,16 +22,9 @@ from torch import nn
 from torchvision.ops import deform_conv2d
 
 from segrepro.errors import SegreproError
-from segrepro.models.layers import conv_bn_relu
+from segrepro.models.layers import conv_bn_relu, resize
 
 UPSAMPLER_TYPES = ("sfpn", "usfpn", "fapn", "uper", "deeplabv3p")
-
-
-def resize(x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize with align_corners=True (notes §6); a no-op when the size already matches."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
 def pyramid_strides(skip_channels: dict[int, int]) -> list[int]:
