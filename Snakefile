@@ -12,6 +12,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/pyramids.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/eval.smk"
+include: "workflow/rules/submit.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/figures.smk"
 

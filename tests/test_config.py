@@ -231,7 +231,7 @@ def test_bad_workflow_values(workflow, match):
 
 def test_workflow_defaults_are_filled():
     params = load_params(REPO, workflow={"scale": "tiny"})
-    assert params.workflow == {"scale": "tiny", "seeds": [0], "dataset": None}
+    assert params.workflow == {"scale": "tiny", "seeds": [0], "dataset": None, "sources": {}}
 
 
 @pytest.mark.parametrize("call, culprit", [
@@ -403,4 +403,69 @@ def test_a_table_may_run_on_its_own_dataset(params):
 ])
 def test_bad_settings_and_table_datasets_are_named(root, override, culprit):
     edit_yaml(root / "params" / "papers" / "hfgd.yaml", override)
+    one_line_error(root, re.escape(culprit))
+
+
+# ----------------------------------------------------------------------------- per-dataset protocols
+
+def test_a_datasets_protocol_sits_right_after_its_scale_layer(root):
+    """registry.scales[s] < registry.scales[s].datasets[d] < setting < setting.scales[s] < experiment
+    < experiment.scales[s] < experiment.scales[s].datasets[d], d being the run's dataset."""
+    edit_yaml(root / "params" / "papers" / "hfgd.yaml", {
+        "scales": {"paper": {"datasets": {"cocostuff10k": {
+            "train": {"crop_size": 321, "lr": 0.5, "batch_size": 3}, "eval": {"crop_size": [321, 641]},
+            "model": {"channels": 64}}}}},
+        "experiments": {"fcn_aspp": {"train": {"batch_size": 5}, "scales": {"paper": {"datasets": {
+            "cocostuff10k": {"model": {"encoder": {"hidden": 7}}, "train": {"batch_size": 9}}}}}}},
+    })
+    params = load_params(root)
+    run = params.resolve("hfgd", "fcn_aspp", "paper", "cocostuff10k")
+    assert run["train"]["crop_size"] == 321 and run["eval"]["crop_size"] == [321, 641]  # over the scale layer
+    assert run["train"]["lr"] == 0.01                      # the setting's paper lr comes after
+    assert run["model"]["channels"] == 64
+    assert run["train"]["batch_size"] == 9 and run["model"]["encoder"]["hidden"] == 7  # the experiment's, last
+    # Another dataset, or the same dataset at another scale, does not see the layer.
+    other = params.resolve("hfgd", "fcn_aspp", "paper", "pascal_context")
+    assert (other["train"]["crop_size"], other["train"]["batch_size"], other["model"]["encoder"]["hidden"]) == (513, 5, 512)
+    assert params.resolve("hfgd", "fcn_aspp", "demo", "cocostuff10k")["train"]["crop_size"] == 96
+    # The layer follows the run's dataset however it is chosen: a table's, the command line's.
+    assert params.resolve("hfgd", "fcn_identity", "paper", params.table_dataset("hfgd_table17", "paper"))[
+        "train"]["crop_size"] == 321
+
+
+def test_every_declared_dataset_protocol_resolves(params):
+    schema = read_yaml(REPO / "workflow" / "schemas" / "params.schema.yaml")
+    train_schema = jsonschema.Draft202012Validator(schema["$defs"]["train"] | schema)
+    eval_schema = jsonschema.Draft202012Validator(schema["$defs"]["eval"] | schema)
+    seen = 0
+    for paper, experiment, scale in all_runs(params):
+        registry = params.paper(paper)
+        layers = [registry.get("scales", {}).get(scale) or {},
+                  (registry["experiments"][experiment] or {}).get("scales", {}).get(scale) or {}]
+        for dataset in {name for layer in layers for name in layer.get("datasets", {})}:
+            config = params.resolve(paper, experiment, scale, dataset)
+            assert config["dataset"]["name"] == dataset
+            train_schema.validate(config["train"])
+            eval_schema.validate(config["eval"])
+            seen += 1
+    assert seen > 0
+
+
+@pytest.mark.parametrize("paper, override, culprit", [
+    ("saf", {"scales": {"paper": {"datasets": {"ade21k": {"train": {"lr": 0.1}}}}}},
+     "saf.yaml: scales.paper.datasets.ade21k: unknown dataset 'ade21k'"),
+    ("hfgd", {"experiments": {"fcn_aspp": {"scales": {"paper": {"datasets": {"citiscapes": {}}}}}}},
+     "hfgd.yaml: experiments.fcn_aspp.scales.paper.datasets.citiscapes: unknown dataset 'citiscapes'"),
+    ("saf", {"scales": {"paper": {"datasets": {"ade20k": {"model": {"head": {"contxt": "anl"}}}}}}},
+     "scales.paper.datasets.ade20k.model.head"),
+    ("hfgd", {"experiments": {"fcn_aspp": {"scales": {"paper": {"datasets": {"cityscapes": {
+        "model": {"encoder": {"type": "psp"}}}}}}}}},
+     "experiments.fcn_aspp.scales.paper.datasets.cityscapes.model.encoder.type"),
+    # A dataset's protocol cannot pick another dataset, nor hold unknown sections.
+    ("saf", {"scales": {"paper": {"datasets": {"ade20k": {"dataset": "cocostuff10k"}}}}}, "datasets.ade20k"),
+    ("saf", {"scales": {"paper": {"datasets": {"ade20k": {"trian": {"lr": 0.1}}}}}}, "trian"),
+    ("saf", {"scales": {"paper": {"datasets": {"ade20k": {"eval": {"crop_size": [1, 2, 3]}}}}}}, "crop_size"),
+])
+def test_bad_dataset_protocols_are_named(root, paper, override, culprit):
+    edit_yaml(root / "params" / "papers" / f"{paper}.yaml", override)
     one_line_error(root, re.escape(culprit))

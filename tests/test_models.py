@@ -1,6 +1,8 @@
 """PSPNet (segrepro.models.pspnet): shapes, the pyramid pooling arithmetic, the auxiliary branch,
 the loss, the dilated backbone and the backbone's weight loading errors."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -292,7 +294,62 @@ def test_pretrained_offline_names_the_backbone(params, monkeypatch):
     config = deep_merge(params.paper("pspnet")["model"], {"backbone": {"pretrained": True}})
     with pytest.raises(SegreproError, match="resnet50s") as info:
         build_model(config, NUM_CLASSES)
-    assert "\n" not in str(info.value)
+    message = str(info.value)
+    assert "\n" not in message
+    # The weight by name, the cache it is looked for in, and the alternative.
+    assert "'timm/resnet50s.gluon_in1k'" in message
+    assert "/nonexistent-hf-home" in message or "cache" in message
+    assert "model.backbone.pretrained to its path" in message
+
+
+def _offline_hub(monkeypatch, home: Path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(home / "hub"))
+
+
+def test_pretrained_true_reads_the_hub_cache_offline(monkeypatch, tmp_path):
+    """`pretrained: true` takes timm's ImageNet weights from the Hugging Face cache when offline:
+    a cache entry written by hand (the hub's layout: refs/main -> snapshots/<rev>/) is what loads."""
+    import timm
+    from safetensors.torch import save_file
+    from timm.models import get_pretrained_cfg
+
+    from segrepro.models.backbone import create_timm_model
+
+    _offline_hub(monkeypatch, tmp_path)
+    repo = get_pretrained_cfg("resnet18").hf_hub_id                      # timm/resnet18.a1_in1k
+    entry = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text("0" * 40)
+    (entry / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    torch.manual_seed(3)
+    weights = {k: v.contiguous() for k, v in timm.create_model("resnet18").state_dict().items()}
+    save_file(weights, entry / "snapshots" / ("0" * 40) / "model.safetensors")
+    model = create_timm_model("resnet18", True)
+    assert torch.equal(model.conv1.weight, weights["conv1.weight"])
+    assert torch.equal(model.fc.weight, weights["fc.weight"])
+
+
+def test_pretrained_file_is_loaded_weights_only(tmp_path):
+    """A weights file holding anything but tensors (a pickled object) is refused, not executed."""
+    import timm
+
+    from segrepro.models.backbone import create_timm_model
+
+    good = tmp_path / "resnet18.pth"
+    state = timm.create_model("resnet18").state_dict()
+    torch.save(state, good)
+    assert torch.equal(create_timm_model("resnet18", str(good)).conv1.weight, state["conv1.weight"])
+    bad = tmp_path / "bad.pth"
+    torch.save({"conv1.weight": _Opaque()}, bad)
+    with pytest.raises(SegreproError, match="bad.pth could not be loaded"):
+        create_timm_model("resnet18", str(bad))
+
+
+class _Opaque:
+    """Not a tensor: unpickling it needs code, which weights_only loading refuses."""
 
 
 def test_pretrained_with_custom_width_is_refused(params):

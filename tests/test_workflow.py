@@ -395,15 +395,22 @@ def test_dry_run_of_every_target(project, scale):
     assert result.returncode == 0, result.stdout[-5000:]
     stats = job_stats(result.stdout)
     # PSPNet: 14 experiments, 18 (experiment, protocol) evaluations (table3 also tests 4 runs
-    # with `ms`); SaF: 16 experiments, A-K and 3 variants of its open defaults single-scale, the
-    # two SOTA runs multi-scale; HFGD: the 43 experiments its 11 tables name, single-scale, and at
-    # paper scale 3 more on Cityscapes (Table 12) and 4 on COCO-Stuff 10k (Table 17).
-    hfgd = 43 + (7 if scale == "paper" else 0)
-    assert (stats["train"], stats["evaluate"], stats["table"], stats["all"]) == (30 + hfgd, 34 + hfgd, 21, 1), stats
+    # with `ms`); SaF: A-K and 3 variants of its open defaults single-scale, the two SOTA runs
+    # multi-scale (at paper scale on each dataset of Tables 1, 3 and 4: 2 x 3 runs); HFGD: the 43
+    # ResNet/Swin experiments its ablation tables name, single-scale, the ConvNeXt OS 4 and OS 2 runs
+    # single- and multi-scale (Tables 10-16), and at paper scale 3 more on Cityscapes (Table 12),
+    # 4 on COCO-Stuff 10k (Table 17), the OS 4 run on each dataset of Tables 10, 11, 13, 15, 16.
+    paper = scale == "paper"
+    saf = 14 + 2 * (3 if paper else 1)
+    hfgd_train = 43 + 2 + (3 + 4 + 4 if paper else 0)
+    hfgd_evaluate = 43 + 4 + (3 + 4 + 2 * 4 if paper else 0)
+    # 21 ablation tables, 7 SOTA ones (SaF 1, 3, 4; HFGD 10, 11, 13, 15, 16), 2 test-server ones.
+    assert (stats["train"], stats["evaluate"], stats["table"], stats["all"]) == (
+        14 + saf + hfgd_train, 18 + saf + hfgd_evaluate, 30, 1), stats
     assert (stats["figure"], stats["pyramids"], stats["pyramid_stats"], stats["flops"]) == (2, 1, 1, 1), stats
     # The scale's datasets are not in data/ yet; SaF's ablations use a fixed-seed subset of ADE20K.
-    datasets = (["ade20k", "ade20k-ablation", "pascal_context", "cityscapes", "cocostuff10k"]
-                if scale == "paper" else ["synthetic"])
+    datasets = (["ade20k", "ade20k-ablation", "pascal_context", "cityscapes", "cocostuff10k", "cocostuff164k"]
+                if paper else ["synthetic"])
     assert stats["prepare_dataset"] == len(datasets)
     assert all(f"dataset={dataset}," in result.stdout for dataset in datasets)
 

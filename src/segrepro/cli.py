@@ -1,8 +1,10 @@
 """`segrepro`: the command line every workflow rule calls, usable by hand as well.
 
+  segrepro download ARCHIVE                    fetch and verify one archive into data/raw/
   segrepro prepare DATASET                     generate or convert a dataset into data/DATASET
   segrepro train    --paper P --experiment E   train one run (resumes from its checkpoint)
   segrepro evaluate --paper P --experiment E   evaluate it with a test protocol
+  segrepro submit   --paper P --experiment E   zip its test-set predictions for a benchmark's server
   segrepro table NAME                          write results/tables/NAME.md (+ .csv)
   segrepro pyramids DATASET                    pyramidal ground truth of a split (SaF)
   segrepro pyramid-stats DATASET               results/tables/pyramid_stats.md from it
@@ -47,9 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segrepro", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
+    download = commands.add_parser("download", help="fetch and verify an archive of params/archives.yaml")
+    download.add_argument("archive", help="e.g. ADEChallengeData2016.zip")
+
     prepare = commands.add_parser("prepare", help="generate or convert a dataset")
     prepare.add_argument("dataset")
     prepare.add_argument("--out", type=Path, help="default: data/DATASET")
+    prepare.add_argument("--source", type=Path,
+                         help="a local folder holding the extracted archive of a one-part dataset "
+                              "(default: workflow config `sources`, else download)")
 
     train = commands.add_parser("train", help="train one run")
     _run_arguments(train)
@@ -61,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     _device_arguments(evaluate)
     evaluate.add_argument("--protocol", default="ss", help="a test protocol of the scale (ss, ms, …)")
     evaluate.add_argument("--out", type=Path, help="metrics JSON (default: results/metrics/…/PROTOCOL.json)")
+
+    submit = commands.add_parser("submit", help="write a test-server submission of a trained run")
+    _run_arguments(submit)
+    _device_arguments(submit)
+    submit.add_argument("--protocol", default="ms", help="a test protocol of the scale (default: ms)")
+    submit.add_argument("--server", required=True, help="the submission format: ade20k_sceneparsing | cityscapes")
+    submit.add_argument("--split", help="default: the dataset's unlabelled test split, else val as a stand-in")
+    submit.add_argument("--out", type=Path, help="zip (default: results/submissions/…/seedN_PROTOCOL.zip)")
 
     table = commands.add_parser("table", help="build a paper table from evaluated runs")
     table.add_argument("name", help="e.g. pspnet_table1")
@@ -120,8 +136,17 @@ def cmd_prepare(params: Params, args) -> None:
     from segrepro.data.prepare import prepare_dataset
 
     out = args.out or paths.dataset_root(args.dataset)
-    prepare_dataset(args.dataset, params.dataset(args.dataset), out)
+    source = args.source or params.workflow["sources"].get(args.dataset)
+    prepare_dataset(args.dataset, params.dataset(args.dataset), out, params.archives,
+                    raw_dir=paths.RAW, lock_path=paths.ARCHIVE_LOCK, source=source)
     print(f"prepared {args.dataset} in {out}")
+
+
+def cmd_download(params: Params, args) -> None:
+    from segrepro.data.download import fetch
+
+    path = fetch(args.archive, params.archive(args.archive), paths.RAW, paths.ARCHIVE_LOCK)
+    print(f"{path}: verified")
 
 
 def cmd_train(params: Params, args) -> None:
@@ -144,6 +169,22 @@ def cmd_evaluate(params: Params, args) -> None:
     metrics = evaluate_run(config, paths.model_path(*run), args.protocol, out, device=args.device)
     print(f"{args.paper}/{args.experiment} [{args.protocol}] mIoU {metrics['miou']:.2f} "
           f"pixel acc. {metrics['pixel_acc']:.2f} -> {out}")
+
+
+def cmd_submit(params: Params, args) -> None:
+    from segrepro.data.dataset import load_card
+    from segrepro.submit import default_split, server, write_submission
+
+    server(args.server)
+    config = _resolve(params, args)
+    _set_threads(args.threads)
+    run = _run_paths(config)
+    out = args.out or paths.submission_path(*run, args.protocol)
+    split = args.split or default_split(load_card(config["dataset"]["root"]))
+    manifest = write_submission(config, paths.model_path(*run), split, out, args.server, args.protocol, device=args.device)
+    stand_in = " (a stand-in: not a test-server split)" if manifest["stand_in"] else ""
+    print(f"{args.paper}/{args.experiment} [{args.protocol}] {manifest['num_images']} predictions of "
+          f"{config['dataset']['name']}/{split}{stand_in} -> {out}")
 
 
 def cmd_table(params: Params, args) -> None:
@@ -216,7 +257,8 @@ def cmd_tracking_init(params: Params, args) -> None:
 
 
 COMMANDS = {
-    "prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "table": cmd_table,
+    "download": cmd_download, "prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "submit": cmd_submit,
+    "table": cmd_table,
     "pyramids": cmd_pyramids, "pyramid-stats": cmd_pyramid_stats, "figure": cmd_figure,
     "flops": cmd_flops, "config": cmd_config, "list": cmd_list, "tracking-init": cmd_tracking_init,
 }

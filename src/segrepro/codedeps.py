@@ -16,6 +16,7 @@ STAGES = {
     "prepare": "segrepro.data.prepare",
     "train": "segrepro.train",
     "evaluate": "segrepro.evaluate",
+    "submit": "segrepro.submit",
     "table": "segrepro.tables",
     "pyramids": "segrepro.pyramid_store",
     "pyramid_stats": "segrepro.pyramid_stats",

@@ -4,6 +4,7 @@
   config.yaml          workflow settings (scale, seeds, dataset), overridable by `--config`
   scales.yaml          the tiny / demo / paper profiles (dataset, training and test settings)
   datasets.yaml        the datasets the pipeline can prepare
+  archives.yaml        the files the real datasets are made from (URL, size, pinned checksums)
   papers/<paper>.yaml  one registry per paper: model defaults, experiments, tables
 
 A *run* is (paper, experiment, scale, dataset, seed); `Params.resolve` turns it into the fully
@@ -80,6 +81,7 @@ class Params:
     scales: dict
     datasets: dict
     papers: dict            # paper name -> its registry
+    archives: dict          # archive file name -> its download spec
 
     # -- look-ups, each failing with one line that names what is unknown -------------------
     def paper(self, name: str) -> dict:
@@ -118,6 +120,11 @@ class Params:
                 f"unknown dataset '{name}' (known: {', '.join(self.datasets)}; see params/datasets.yaml)"
             )
         return self.datasets[name]
+
+    def archive(self, name: str) -> dict:
+        if name not in self.archives:
+            raise SegreproError(f"unknown archive '{name}' (see params/archives.yaml)")
+        return self.archives[name]
 
     def table(self, name: str) -> tuple[str, dict]:
         """(paper, spec) of a table name such as 'pspnet_table1'."""
@@ -162,19 +169,28 @@ class Params:
 
     def resolve(self, paper: str, experiment: str, scale: str, dataset: str | None = None,
                 seed: int = 0) -> dict:
-        """The complete configuration of one run: what the trainer reads and MLflow records."""
+        """The complete configuration of one run: what the trainer reads and MLflow records.
+        Layers, each over the last: the scale profile, the paper's refinement of it and of its
+        `datasets` entry for the run's dataset, the training setting (and its scale entry), the
+        experiment, its scale entry and that entry's `datasets` entry."""
         registry = self.paper(paper)
         overrides = self.experiment(paper, experiment)
         scale_profile = self.scale(scale)
         setting = self.setting(paper, overrides.get("setting", registry.get("setting")))
         run = {"model": registry["model"], "train": scale_profile["train"], "eval": scale_profile["eval"]}
-        layers = (registry.get("scales", {}).get(scale), setting, setting.get("scales", {}).get(scale),
-                  overrides, overrides.get("scales", {}).get(scale))
+        name = self.dataset_name(paper, scale, dataset or overrides.get("dataset"))
+        # A scale layer may hold the paper's protocol per dataset (SaF: lr and epochs of ADE20K,
+        # COCO-Stuff, Pascal-Context), applied right after it; an experiment's one comes last.
+        paper_scale = registry.get("scales", {}).get(scale) or {}
+        experiment_scale = overrides.get("scales", {}).get(scale) or {}
+        layers = (paper_scale, paper_scale.get("datasets", {}).get(name),
+                  setting, setting.get("scales", {}).get(scale),
+                  overrides, experiment_scale, experiment_scale.get("datasets", {}).get(name))
         for layer in layers:
-            run = deep_merge(run, {k: v for k, v in (layer or {}).items() if k not in ("dataset", "scales", "setting")})
+            run = deep_merge(run, {k: v for k, v in (layer or {}).items()
+                                   if k not in ("dataset", "datasets", "scales", "setting")})
         # A schedule given as a multiple of the scale's (HFGD Tables 2, 17: 1x, 3x, 6x) stays one at every scale.
         run["train"]["iterations"] *= run["train"].get("iterations_factor", 1)
-        name = self.dataset_name(paper, scale, dataset or overrides.get("dataset"))
         return {
             "paper": paper,
             "experiment": experiment,
@@ -219,6 +235,9 @@ def load_params(root: Path | str = ".", workflow: dict | None = None) -> Params:
     for name, dataset in datasets.items():
         validate(dataset, params_schema["$defs"]["dataset"] | {"$defs": params_schema["$defs"]},
                  f"params/datasets.yaml: {name}")
+    archives = read_yaml(params_dir / "archives.yaml")
+    for name, archive in archives.items():
+        validate(archive, params_schema["$defs"]["archive"], f"params/archives.yaml: {name}")
 
     papers = {}
     for path in sorted((params_dir / "papers").glob("*.yaml")):
@@ -228,7 +247,8 @@ def load_params(root: Path | str = ".", workflow: dict | None = None) -> Params:
         _validate_models(registry, params_schema, f"params/papers/{path.name}")
         papers[path.stem] = registry
 
-    params = Params(root=root, workflow=workflow, scales=scales, datasets=datasets, papers=papers)
+    params = Params(root=root, workflow=workflow, scales=scales, datasets=datasets, papers=papers,
+                    archives=archives)
     params.scale(workflow["scale"])
     if workflow.get("dataset"):
         params.dataset(workflow["dataset"])
@@ -242,12 +262,16 @@ def _validate_models(registry: dict, params_schema: dict, where: str) -> None:
     family = registry["model"]["family"]
     schema = params_schema["$defs"][f"{family}_model"] | {"$defs": params_schema["$defs"]}
     sections = [("model", registry["model"])]
-    sections += [(f"scales.{scale}.model", layer.get("model")) for scale, layer in registry.get("scales", {}).items()]
+    scale_layers = [(f"scales.{scale}", layer) for scale, layer in registry.get("scales", {}).items()]
     for name, experiment in registry["experiments"].items():
         experiment = experiment or {}
         sections.append((f"experiments.{name}.model", experiment.get("model")))
-        sections += [(f"experiments.{name}.scales.{scale}.model", layer.get("model"))
-                     for scale, layer in experiment.get("scales", {}).items()]
+        scale_layers += [(f"experiments.{name}.scales.{scale}", layer)
+                         for scale, layer in experiment.get("scales", {}).items()]
+    for key, layer in scale_layers:
+        sections.append((f"{key}.model", layer.get("model")))
+        sections += [(f"{key}.datasets.{dataset}.model", (protocol or {}).get("model"))
+                     for dataset, protocol in layer.get("datasets", {}).items()]
     for key, section in sections:
         if section is not None:
             validate(section, schema, where, prefix=key)
@@ -276,6 +300,17 @@ def _check_cross_references(params: Params) -> None:
     for name, dataset in params.datasets.items():
         if dataset["kind"] == "subset" and dataset["source"] not in params.datasets:
             raise SegreproError(f"params/datasets.yaml: {name}.source: unknown dataset '{dataset['source']}'")
+        for role, part in dataset.get("parts", {}).items():
+            if part["archive"] not in params.archives:
+                raise SegreproError(
+                    f"params/datasets.yaml: {name}.parts.{role}.archive: unknown archive '{part['archive']}' "
+                    "(not in params/archives.yaml)")
+    for name in params.workflow.get("sources", {}):
+        parts = params.dataset(name).get("parts", {})
+        if len(parts) != 1:
+            raise SegreproError(
+                f"workflow config: sources.{name}: a local folder can stand only for a one-part dataset "
+                f"('{name}' has {len(parts)} parts: put its archives in data/raw/ instead)")
     seen_tables: dict[str, str] = {}
     for paper, registry in params.papers.items():
         for table, spec in registry["tables"].items():
@@ -294,6 +329,17 @@ def _check_cross_references(params: Params) -> None:
                         f"params/papers/{paper}.yaml: tables.{table}.dataset.{scale}: unknown dataset '{dataset}'"
                     )
             check_table_spec(table, spec)
+        # Per-dataset protocols (`scales: {paper: {datasets: {ade20k: ...}}}`) must name known datasets.
+        scale_layers = [(f"scales.{scale}", layer) for scale, layer in registry.get("scales", {}).items()]
+        scale_layers += [(f"experiments.{name}.scales.{scale}", layer)
+                         for name, experiment in registry["experiments"].items()
+                         for scale, layer in (experiment or {}).get("scales", {}).items()]
+        for key, layer in scale_layers:
+            for dataset in layer.get("datasets", {}):
+                if dataset not in params.datasets:
+                    raise SegreproError(
+                        f"params/papers/{paper}.yaml: {key}.datasets.{dataset}: unknown dataset '{dataset}' "
+                        "(not in params/datasets.yaml)")
         settings = registry.get("settings", {})
         uses = [("setting", registry.get("setting"))]
         uses += [(f"experiments.{name}.setting", (experiment or {}).get("setting"))

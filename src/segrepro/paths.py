@@ -4,6 +4,8 @@ the CLI and the table writer agree on file names."""
 from pathlib import Path
 
 DATA = Path("data")
+RAW = DATA / "raw"  # downloaded archives, kept out of data.dvc (see .dvcignore)
+ARCHIVE_LOCK = Path("params") / "archives.lock.yaml"
 RESULTS = Path("results")
 
 
@@ -22,6 +24,11 @@ def model_path(scale, dataset, paper, experiment, seed) -> Path:
 
 def metrics_path(scale, dataset, paper, experiment, seed, protocol) -> Path:
     return RESULTS / "metrics" / scale / dataset / paper / experiment / f"seed{seed}" / f"{protocol}.json"
+
+
+def submission_path(scale, dataset, paper, experiment, seed, protocol) -> Path:
+    """A test-server submission: one PNG per test image, zipped (segrepro.submit)."""
+    return RESULTS / "submissions" / scale / dataset / paper / experiment / f"seed{seed}_{protocol}.zip"
 
 
 def table_path(table: str) -> Path:

@@ -2,7 +2,9 @@
 
 A table spec comes from the `tables:` section of a paper's YAML (see params/papers/pspnet.yaml).
 A row is one (experiment, test protocol) pair; a claim refers to rows by `experiment` or
-`experiment@protocol`, a bare experiment meaning protocol `ss`.
+`experiment@protocol`, a bare experiment meaning protocol `ss`. A row with `test_server` is a
+number only a benchmark's server can compute (SaF Table 2, HFGD Table 14): it reads the submission
+zip of segrepro.submit instead of a metrics file and shows where to upload it, with no Δ or claim.
 
 Kept free of torch on purpose: the workflow imports this module while it builds its DAG.
 """
@@ -21,12 +23,14 @@ from segrepro.errors import SegreproError
 
 DEFAULT_PROTOCOL = "ss"
 DEFAULT_CLAIM_METRIC = "miou"
-METRIC_NAMES = {"miou": "mIoU (%)", "pixel_acc": "Pixel Acc. (%)", "gmacs": "GMACs"}
+METRIC_NAMES = {"miou": "mIoU (%)", "pixel_acc": "Pixel Acc. (%)", "gmacs": "GMACs", "score": "Score (%)"}
 LOWER_IS_BETTER = {"gmacs"}
 FLOPS_TOLERANCE = 0.03  # a count further than this from the paper's must say why
 MISSING = "–"  # en dash, for a number the paper does not give
 MINUS = "−"  # the real minus sign, so that "−0.45" lines up with "+1.23"
 HEADER_KEYS = ("dataset", "scale", "backbone", "iterations", "seeds")
+TEST_SERVER_FORMATS = ("ade20k_sceneparsing", "cityscapes")  # the keys of segrepro.submit.SERVERS
+SUBMISSION_KEY = "segrepro_submission"  # marks segrepro.submit's manifest in a zip's comment
 
 
 def row_key(experiment: str, protocol: str) -> str:
@@ -47,6 +51,10 @@ def parse_ref(ref: str) -> tuple[str, str]:
 def metric_name(metric: str) -> str:
     """The display name of a metric; an unknown metric shows under its own key."""
     return METRIC_NAMES.get(metric, metric)
+
+
+def is_test_server(row: dict) -> bool:
+    return bool(row.get("test_server"))
 
 
 def table_row_keys(spec: dict) -> list[str]:
@@ -91,8 +99,13 @@ def check_table_spec(name: str, spec: dict) -> None:
         for metric, value in paper.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise SegreproError(f"{where}: row {row['label']!r}: paper {metric} is not a number: {value!r}")
+        if "test_server" in row:
+            _check_test_server(where, row)
 
     _check_grid(where, spec)
+    server_rows = {table_row_keys({"rows": [row]})[0] for row in rows if is_test_server(row)}
+    if server_rows and (spec.get("grid") or spec.get("flops") or spec.get("kind", "rows") != "rows"):
+        raise SegreproError(f"{where}: test-server rows only go in a plain table (no grid, flops or level_matrix)")
     if spec.get("kind", "rows") == "level_matrix":
         if len(rows) != 1:
             raise SegreproError(f"{where}: a level_matrix table analyses exactly one experiment, got {len(rows)} rows")
@@ -132,6 +145,18 @@ def check_table_spec(name: str, spec: dict) -> None:
                 raise SegreproError(f"{where}: claim {text!r}: {err}") from None
             if key not in keys:
                 raise SegreproError(f"{where}: claim {text!r} refers to {ref!r}, which is not a row of the table")
+            if key in server_rows:
+                raise SegreproError(f"{where}: claim {text!r} refers to {ref!r}, a test-server row: only the server knows its score")
+
+
+def _check_test_server(where: str, row: dict) -> None:
+    server = row["test_server"]
+    if not isinstance(server, dict) or set(server) != {"name", "url", "format"} or not all(
+            isinstance(v, str) and v for v in server.values()):
+        raise SegreproError(f"{where}: row {row['label']!r}: 'test_server' needs exactly 'name', 'url' and 'format'")
+    if server["format"] not in TEST_SERVER_FORMATS:
+        raise SegreproError(f"{where}: row {row['label']!r}: unknown test-server format {server['format']!r} "
+                            f"(known: {', '.join(TEST_SERVER_FORMATS)})")
 
 
 def _check_grid(where: str, spec: dict) -> None:
@@ -205,6 +230,11 @@ def _seed_stats(name: str, key: str, runs: list[dict], metrics: list[str]) -> di
     for metric in metrics:
         values = []
         for run in runs:
+            if metric == "score" and metric not in run and all(
+                    isinstance(run.get(m), (int, float)) for m in ("miou", "pixel_acc")):
+                # The Scene Parsing Benchmark's score: (pixel accuracy + mean IoU) / 2
+                # (CSAILVision/sceneparsing README, "Evaluation routines").
+                run = dict(run, score=(run["miou"] + run["pixel_acc"]) / 2)
             if metric not in run:
                 raise SegreproError(f"table {name!r}: row {key!r}: a result (seed {run.get('seed', '?')}) has no {metric!r}")
             value = run[metric]
@@ -310,6 +340,35 @@ def _flops_lines(spec: dict, counts: dict, paper: dict, order: list[str]) -> lis
     return lines
 
 
+def _server_cell(server: dict, submissions: list[str]) -> str:
+    files = ", ".join(f"`{path}`" for path in submissions)
+    each = " (one per seed)" if len(submissions) > 1 else ""
+    return f"test-server score: submit {files}{each} to [{server['name']}]({server['url']})"
+
+
+def _server_notes(spec: dict, results: dict, order: list[str]) -> list[str]:
+    """What a table with test-server rows says under itself: where its numbers come from, and
+    when the zips are a stand-in (a dataset without an unlabelled test split)."""
+    keys = [key for row, key in zip(spec["rows"], order) if is_test_server(row)]
+    if not keys:
+        return []
+    if len(keys) == len(order):
+        note = ("Every row of this table is a test-server score: the benchmark's test labels are not public,"
+                " so the pipeline writes the file to upload (named in our column) and the score exists only"
+                " once the server has evaluated it; there is no Δ and no claim to check.")
+    else:
+        note = ("Rows whose cell names a file are test-server scores: the score exists only once the"
+                " server has evaluated the file; they have no Δ and no claim.")
+    lines = ["", note]
+    stand_ins = [run for key in keys for run in results[key] if run.get("stand_in")]
+    if stand_ins:
+        run = stand_ins[0]
+        lines += ["", (f"At this scale dataset '{run['dataset']}' has no unlabelled test split: the zips hold"
+                       f" predictions on its '{run['split']}' images, in the benchmark's file format, as a stand-in"
+                       " that runs the submission step; they are not submissions.")]
+    return lines
+
+
 def _cell(text: str) -> str:
     # A '|' inside a label would split the Markdown cell.
     return str(text).replace("|", "\\|")
@@ -363,13 +422,28 @@ def build_table(name: str, spec: dict, results: dict[str, list[dict]], header: d
         if not runs:
             # Never write a table with holes: a missing row means an upstream step is missing.
             raise SegreproError(f"table {name!r}: no results for row {row['label']!r} ({key})")
-        stats[key] = _seed_stats(name, key, runs, metrics)
+        if is_test_server(row):
+            if not all(isinstance(run.get("submission"), str) for run in runs):
+                raise SegreproError(f"table {name!r}: row {key!r} is a test-server row: it needs submissions, not metrics")
+        else:
+            stats[key] = _seed_stats(name, key, runs, metrics)
         paper[key] = {m: (None if v is None else float(v)) for m, v in (row.get("paper") or {}).items()}
 
     records, lines = [], []
     for row, key in zip(rows, order):
         record = {"label": row["label"], "experiment": row["experiment"], "protocol": key.split("@")[1]}
         cells = [_cell(row["label"])]
+        if is_test_server(row):
+            submissions = [run["submission"] for run in results[key]]
+            record.update({"test_server": row["test_server"]["name"], "submission": "; ".join(submissions)})
+            for metric in metrics:
+                ref = paper[key].get(metric)
+                record.update({f"{metric}_paper": float("nan") if ref is None else ref, f"{metric}_ours_mean": float("nan"),
+                               f"{metric}_ours_std": float("nan"), f"{metric}_n_seeds": 0, f"{metric}_delta": float("nan")})
+                cells += [_fmt(ref), _cell(_server_cell(row["test_server"], submissions)), MISSING]
+            records.append(record)
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
         for metric in metrics:
             mean, std, n = stats[key][metric]
             ref = paper[key].get(metric)
@@ -396,6 +470,7 @@ def build_table(name: str, spec: dict, results: dict[str, list[dict]], header: d
     if spec.get("grid"):
         text += _grid_lines(spec, stats, paper, order)
     text += [*table, *lines]
+    text += _server_notes(spec, results, order)
     if spec.get("flops"):
         if not flops:
             raise SegreproError(f"table {name!r} shows computation but no counts were given")
@@ -436,6 +511,28 @@ def load_metrics(path) -> dict:
     return data
 
 
+def load_submission(path) -> dict:
+    """The manifest segrepro.submit stores in a submission zip's archive comment, plus the zip's
+    path under "submission"; the error names the file."""
+    import zipfile
+
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            comment = archive.comment
+    except FileNotFoundError:
+        raise SegreproError(f"submission {path} does not exist") from None
+    except (OSError, zipfile.BadZipFile) as err:
+        raise SegreproError(f"submission {path} is not a readable zip: {err}") from None
+    try:
+        manifest = json.loads(comment.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or SUBMISSION_KEY not in manifest:
+        raise SegreproError(f"submission {path} has no segrepro manifest in its zip comment (write it with `segrepro submit`)")
+    return dict(manifest, submission=str(path))
+
+
 def _load_flops(name: str, path: Path) -> dict:
     if not path.is_file():
         raise SegreproError(f"{path}: computation counts not found (run `segrepro flops {name}`)")
@@ -455,10 +552,11 @@ def write_paper_table(params, name: str, scale: str, dataset: str | None, seeds:
     results = {}
     for row in spec["rows"]:
         key = row_key(row["experiment"], row["protocol"])
-        results[key] = [
-            load_metrics(paths.metrics_path(scale, dataset_name, paper, row["experiment"], seed, row["protocol"]))
-            for seed in seeds
-        ]
+        run = (scale, dataset_name, paper, row["experiment"])
+        if is_test_server(row):
+            results[key] = [load_submission(paths.submission_path(*run, seed, row["protocol"])) for seed in seeds]
+            continue
+        results[key] = [load_metrics(paths.metrics_path(*run, seed, row["protocol"])) for seed in seeds]
         if spec.get("flops"):
             if row["experiment"] not in counts:
                 raise SegreproError(f"{paths.flops_path(name)} has no count for {row['experiment']}: run `segrepro flops {name}`")
@@ -476,7 +574,7 @@ def write_paper_table(params, name: str, scale: str, dataset: str | None, seeds:
         "iterations": distinct(run["iterations"] for run in runs),
         "seeds": list(seeds),
         "commits": distinct(run["train"]["git_commit"] for run in runs),
-        "note": f"Paper: {registry['reported_protocol']}. Ours: {dataset_name} at scale '{scale}'"
+        "note": f"Paper: {spec.get('reported_protocol', registry['reported_protocol'])}. Ours: {dataset_name} at scale '{scale}'"
         + ("." if scale == "paper" else "; Δ compares different data and model sizes, the claims compare"
            " our rows with each other.")
         + (f" {spec['notes'][scale]}" if scale in spec.get("notes", {}) else ""),

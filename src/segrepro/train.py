@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from segrepro import atomic, tracking
 from segrepro.data import load_card, make_train_loader
+from segrepro.data.dataset import crop_pair
 from segrepro.errors import SegreproError
 from segrepro.models import build_model
 from segrepro.provenance import config_hash, git_commit, training_config
@@ -108,7 +109,7 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
     torch.manual_seed(config["seed"])
     model = build_model(config["model"], card["num_classes"], card["ignore_index"]).to(dev)
     coarsest = max(getattr(model, "strides", (1,)))
-    if settings["crop_size"] % coarsest:
+    if any(side % coarsest for side in crop_pair(settings["crop_size"])):
         # A pyramidal ground truth needs whole cells (SaF Sec. 3.1).
         raise SegreproError(
             f"{config['paper']}/{config['experiment']}: train.crop_size {settings['crop_size']} is not a "

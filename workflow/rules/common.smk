@@ -1,4 +1,7 @@
 # Shared by every rule: the validated params/, the chosen scale/dataset/seeds, and input functions.
+import re
+import shlex
+
 from segrepro import paths
 from segrepro.codedeps import stage_sources
 from segrepro.config import load_params
@@ -13,6 +16,7 @@ except SegreproError as err:
 SCALE = PARAMS.workflow["scale"]
 SEEDS = PARAMS.workflow["seeds"]
 DATASET = PARAMS.workflow["dataset"]  # None: each paper's default for the scale
+LOCAL_SOURCES = PARAMS.workflow["sources"]  # dataset -> an extracted copy of its archive
 
 ID = r"[A-Za-z0-9_]+"
 
@@ -26,6 +30,7 @@ wildcard_constraints:
     dataset=r"[A-Za-z0-9_.-]+",
     seed=r"\d+",
     protocol=r"[a-z][a-z0-9_]*",
+    archive="|".join(re.escape(name) for name in PARAMS.archives),
 
 
 onstart:
@@ -67,6 +72,30 @@ def eval_settings(wildcards):
     }
 
 
+def submission_server(wildcards):
+    """The submission format of a run: the one its paper's test-server table rows name."""
+    formats = {
+        row["test_server"]["format"]
+        for spec in PARAMS.paper(wildcards.paper)["tables"].values()
+        for row in spec["rows"]
+        if row.get("test_server")
+        and (row["experiment"], row["protocol"]) == (wildcards.experiment, wildcards.protocol)
+    }
+    if len(formats) != 1:
+        raise WorkflowError(
+            f"{wildcards.paper}/{wildcards.experiment}@{wildcards.protocol}: "
+            + ("no table has a test-server row for it" if not formats else f"tables name several formats {sorted(formats)}")
+        )
+    return formats.pop()
+
+
+def submit_code(wildcards):
+    """What a submission job runs: the evaluator's sources for the paper's model family, plus the
+    submission writer and the Cityscapes label table it reads."""
+    extra = {"src/segrepro/submit.py", "src/segrepro/data/convert.py"}
+    return sorted(set(family_code("evaluate")(wildcards)) | extra)
+
+
 def pyramid_inputs(wildcards):
     """The pyramidal ground truth of the val split, for the single-scale evaluation of a model
     with a pyramidal output (the unity head's precision and recall, Table 9, Fig. 3)."""
@@ -95,11 +124,18 @@ def figure_inputs(wildcards):
 
 
 def dataset_source(wildcards):
-    """A subset dataset is drawn from another prepared dataset: that one comes first."""
+    """What a dataset is made from: a subset's source dataset, a real dataset's archives in
+    data/raw/ (one download job each), or the local folder `--config sources=` names for it."""
     declaration = PARAMS.dataset(wildcards.dataset)
     if declaration["kind"] == "subset":
         return {"source": str(paths.dataset_root(declaration["source"]) / "dataset.yaml")}
-    return {}
+    if wildcards.dataset in LOCAL_SOURCES:
+        return {"local": LOCAL_SOURCES[wildcards.dataset]}
+    return {role: str(paths.RAW / part["archive"]) for role, part in declaration.get("parts", {}).items()}
+
+
+def local_source_option(dataset):
+    return f"--source {shlex.quote(LOCAL_SOURCES[dataset])}" if dataset in LOCAL_SOURCES else ""
 
 
 def dataset_declaration(wildcards):
@@ -111,14 +147,16 @@ def dataset_card(wildcards):
 
 
 def table_metrics(wildcards):
-    """Every metrics file a table reads: its rows x the configured seeds."""
+    """Every metrics file a table reads: its rows x the configured seeds (a test-server row reads
+    its submission zip instead)."""
     try:
         paper, spec = PARAMS.checked_table(wildcards.table, SCALE)
     except SegreproError as err:
         raise WorkflowError(str(err)) from None
     dataset = PARAMS.table_dataset(wildcards.table, SCALE, DATASET)
     return [
-        paths.metrics_path(SCALE, dataset, paper, row["experiment"], seed, row["protocol"])
+        (paths.submission_path if row.get("test_server") else paths.metrics_path)(
+            SCALE, dataset, paper, row["experiment"], seed, row["protocol"])
         for row in spec["rows"]
         for seed in SEEDS
     ]

