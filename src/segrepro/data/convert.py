@@ -4,7 +4,7 @@
 labels/ (uint8 mode "L" PNG, class index 0..num_classes-1, 255 = ignore) and splits/<split>.txt
 (sorted ids), and returns the dataset card (the caller adds content_sha256 and writes it).
 `parts` maps each role of the kind to the folder holding what that role's archive extracts to,
-top-level folders included (see KINDS below and /work/shared/papers/notes-datasets.md).
+top-level folders included (see KINDS below and docs/notes/notes-datasets.md).
 
 Every kind goes the same way: its planner pairs images with labels per split (an image without
 a label, or a label without an image, is an error naming the file), then each label is read,
@@ -29,14 +29,12 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from segrepro.errors import SegreproError
+from segrepro.data.dataset import read_label
+from segrepro.errors import SegreproError, one_line
 
 IGNORE_INDEX = 255
 LABEL_SUFFIX = ".png"
 
-
-def _one_line(text) -> str:
-    return " ".join(str(text).split())
 
 
 def _table(mapping: dict[int, int], size: int = 256) -> np.ndarray:
@@ -184,20 +182,7 @@ class _Plan:
 
 
 def _png_item(split: str, image_id: str, image: Path, label: Path) -> _Item:
-    return _Item(split, image_id, image, lambda: _read_png(label), str(label))
-
-
-def _read_png(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            label = np.asarray(im) if mode in ("L", "P") else None
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files; all mean unreadable
-        raise SegreproError(f"{path}: cannot read label: {_one_line(exc)}") from None
-    if label is None:
-        raise SegreproError(f"{path}: label must be a single-channel 8-bit PNG (mode L), got mode {mode}")
-    return label
+    return _Item(split, image_id, image, lambda: read_label(label), str(label))
 
 
 def _read_mat(path: Path) -> np.ndarray:
@@ -207,7 +192,7 @@ def _read_mat(path: Path) -> np.ndarray:
     try:
         s = loadmat(str(path), variable_names=["S"]).get("S")
     except Exception as exc:  # noqa: BLE001 - scipy raises many types for broken files
-        raise SegreproError(f"{path}: cannot read label: {_one_line(exc)}") from None
+        raise SegreproError(f"{path}: cannot read label: {one_line(exc)}") from None
     if s is None or s.ndim != 2 or s.dtype.kind not in "iuf":
         raise SegreproError(f"{path}: no 2-D numeric variable 'S' (COCO-Stuff-10k label)")
     if s.dtype.kind == "f" and (not np.all(np.isfinite(s)) or np.any(s != np.round(s))):
@@ -285,7 +270,7 @@ def _read_list(path: Path) -> list[str]:
     try:
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as exc:
-        raise SegreproError(f"{path}: cannot read image list: {_one_line(exc)}") from None
+        raise SegreproError(f"{path}: cannot read image list: {one_line(exc)}") from None
 
 
 def _cocostuff10k(where: str, declaration: dict, parts: dict[str, Path]) -> _Plan:
@@ -327,7 +312,7 @@ def _pascal_context(where: str, declaration: dict, parts: dict[str, Path]) -> _P
     try:
         data = json.loads(json_path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise SegreproError(f"{json_path}: cannot read Detail annotations: {_one_line(exc)}") from None
+        raise SegreproError(f"{json_path}: cannot read Detail annotations: {one_line(exc)}") from None
     try:
         category_ids = {int(cat["category_id"]) for cat in data["categories"]}
         image_ids = {img["image_id"] for img in data["images"]}
@@ -354,7 +339,7 @@ def _pascal_context(where: str, declaration: dict, parts: dict[str, Path]) -> _P
             items.append(_Item(phase, file_name[: -len(".jpg")], image, read, culprit))
     except (KeyError, TypeError, ValueError) as exc:
         raise SegreproError(f"{json_path}: not in the Detail API format: {type(exc).__name__} "
-                            f"{_one_line(exc)}") from None
+                            f"{one_line(exc)}") from None
     if classes == 60:
         table, names = PASCAL_CONTEXT60_TABLE, PASCAL_CONTEXT_CLASSES
         conversion = "Detail getMask (459 labels) -> rank in the sorted 60-set, 0 = background"
@@ -501,7 +486,7 @@ def _read_list_lines(path: Path) -> list[str]:
     try:
         return path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise SegreproError(f"{path}: cannot read split list: {_one_line(exc)}") from None
+        raise SegreproError(f"{path}: cannot read split list: {one_line(exc)}") from None
 
 
 def _inside(root: Path, listed: str, listing: Path, number: int) -> Path:
@@ -518,7 +503,7 @@ def _sha256(path: Path) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     except OSError as exc:
-        raise SegreproError(f"{path}: cannot read: {_one_line(exc)}") from None
+        raise SegreproError(f"{path}: cannot read: {one_line(exc)}") from None
     return digest.hexdigest()
 
 
@@ -595,8 +580,8 @@ def _image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             return im.size
-    except Exception as exc:  # noqa: BLE001 - as in _read_png
-        raise SegreproError(f"{path}: cannot read image: {_one_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
+        raise SegreproError(f"{path}: cannot read image: {one_line(exc)}") from None
 
 
 def _lookup(raw: np.ndarray, table: np.ndarray, culprit: str, values: str) -> np.ndarray:
@@ -624,7 +609,7 @@ def _transfer(source: Path, target: Path, copy: bool) -> None:
                 raise
             shutil.move(source, target)
     except OSError as exc:
-        raise SegreproError(f"{source}: cannot {'copy' if copy else 'move'} image: {_one_line(exc)}") from None
+        raise SegreproError(f"{source}: cannot {'copy' if copy else 'move'} image: {one_line(exc)}") from None
 
 
 def _write(plan: _Plan, out: Path, copy_images: bool) -> dict[str, int]:

@@ -22,7 +22,7 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from segrepro.errors import SegreproError
+from segrepro.errors import SegreproError, one_line
 
 # ImageNet statistics on the 0-255 scale, as used by the papers' pretrained backbones.
 IMAGENET_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
@@ -33,15 +33,12 @@ CARD_NAME = "dataset.yaml"
 
 # ----------------------------------------------------------------------------- the card
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
 
 def _yaml_problem(exc: Exception) -> str:
     problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
     if problem and mark is not None:
         return f"invalid YAML: {problem} (line {mark.line + 1})"
-    return _one_line(exc)
+    return one_line(exc)
 
 
 def load_card(root) -> dict:
@@ -113,10 +110,10 @@ def _read_image(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
     except Exception as exc:  # PIL raises many types for broken files; all mean "corrupt"
-        raise SegreproError(f"{path}: cannot read image: {_one_line(exc)}") from None
+        raise SegreproError(f"{path}: cannot read image: {one_line(exc)}") from None
 
 
-def _read_label(path: Path) -> np.ndarray:
+def read_label(path: Path) -> np.ndarray:
     """Class indices as uint8 HxW from a mode "L" (or palette "P", indices) PNG."""
     try:
         with Image.open(path) as im:
@@ -124,7 +121,7 @@ def _read_label(path: Path) -> np.ndarray:
             mode = im.mode
             label = np.asarray(im) if mode in ("L", "P") else None
     except Exception as exc:
-        raise SegreproError(f"{path}: cannot read label: {_one_line(exc)}") from None
+        raise SegreproError(f"{path}: cannot read label: {one_line(exc)}") from None
     if label is None:
         raise SegreproError(f"{path}: label must be a single-channel 8-bit PNG (mode L), got mode {mode}")
     return label
@@ -272,7 +269,7 @@ class SegmentationDataset(Dataset):
         try:
             ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as exc:
-            raise SegreproError(f"{path}: cannot read split file: {_one_line(exc)}") from None
+            raise SegreproError(f"{path}: cannot read split file: {one_line(exc)}") from None
         if not ids:
             raise SegreproError(f"{path}: split file lists no images")
         return ids
@@ -291,7 +288,7 @@ class SegmentationDataset(Dataset):
         image_id = self.ids[index]
         image_path, label_path = self.image_path(image_id), self.label_path(image_id)
         image = _read_image(image_path)
-        label = _read_label(label_path)
+        label = read_label(label_path)
         if image.shape[:2] != label.shape:
             raise SegreproError(
                 f"{image_path} and {label_path}: size mismatch, image {image.shape[1]}x{image.shape[0]}"

@@ -28,7 +28,7 @@ import zlib
 from pathlib import Path
 
 from segrepro import atomic
-from segrepro.errors import SegreproError
+from segrepro.errors import SegreproError, one_line
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _MAX_LINK_DEPTH = 40  # as Linux's MAXSYMLINKS
@@ -65,7 +65,7 @@ def safe_extract(archive: Path, dest: Path) -> Path:
             if isinstance(exc, OSError) and exc.errno is not None:
                 raise
             raise SegreproError(f"{archive}: damaged or truncated archive "
-                                f"({type(exc).__name__}: {_one_line(str(exc))})") from None
+                                f"({type(exc).__name__}: {one_line(str(exc))})") from None
     return dest
 
 
@@ -77,12 +77,9 @@ def _looks_like_archive(path: Path) -> bool:
 
 # ----------------------------------------------------------------------------- checks
 
-def _one_line(text: str) -> str:
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
 
 def _refuse(archive: Path, member: str, reason: str) -> SegreproError:
-    return SegreproError(f"{archive}: refusing member '{_one_line(member)}': {reason}")
+    return SegreproError(f"{archive}: refusing member '{one_line(member)}': {reason}")
 
 
 def _is_absolute(name: str) -> bool:
@@ -141,10 +138,10 @@ def _check_all(archive: Path, members: list[tuple[str, str, str | None]]) -> Non
             if not target:
                 raise _refuse(archive, name, f"{kind} without a target")
             if _is_absolute(target):
-                raise _refuse(archive, name, f"{kind} to an absolute path '{_one_line(target)}'")
+                raise _refuse(archive, name, f"{kind} to an absolute path '{one_line(target)}'")
             base = parts[:-1] if kind == "symlink" else []
             if _resolve(base + target.split("/"), links) is None:
-                raise _refuse(archive, name, f"{kind} target '{_one_line(target)}' resolves outside "
+                raise _refuse(archive, name, f"{kind} target '{one_line(target)}' resolves outside "
                                              "the destination")
         elif _resolve(parts, links) is None:
             raise _refuse(archive, name, "its path leads outside the destination through a symlink")
@@ -250,6 +247,6 @@ def _extract_tar(archive: Path, dest: Path) -> None:
                 tf.extractall(dest, members=members, filter="data")
             except tarfile.FilterError as exc:
                 name = exc.tarinfo.name if exc.tarinfo is not None else "?"
-                raise _refuse(archive, name, f"tarfile data filter: {_one_line(str(exc))}") from None
+                raise _refuse(archive, name, f"tarfile data filter: {one_line(str(exc))}") from None
         else:
             tf.extractall(dest, members=members)
