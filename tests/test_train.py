@@ -17,7 +17,7 @@ from PIL import Image
 
 from segrepro import cli, paths, tracking
 from segrepro.config import deep_merge, load_params
-from segrepro.data import IterationBatchSampler
+from segrepro.data import IterationBatchSampler, load_card
 from segrepro.evaluate import evaluate_run
 from segrepro.train import CHECKPOINT, LOG, poly_lr, train
 
@@ -77,6 +77,8 @@ def test_a_tiny_run_learns(project):
     assert run.info.status == "FINISHED" and run.info.run_name == "psp50"
     assert run.data.params["train.iterations"] == "60"
     assert run.data.tags["config_hash"] and run.data.tags["experiment"] == "psp50"
+    # The data version the run trained on: the dataset card's fingerprint.
+    assert run.data.tags["dataset_sha256"] == load_card(config["dataset"]["root"])["content_sha256"]
     history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
     assert history == [(r["iteration"], r["loss"]) for r in log]
 

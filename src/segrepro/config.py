@@ -262,19 +262,24 @@ def _validate_models(registry: dict, params_schema: dict, where: str) -> None:
     family = registry["model"]["family"]
     schema = params_schema["$defs"][f"{family}_model"] | {"$defs": params_schema["$defs"]}
     sections = [("model", registry["model"])]
-    scale_layers = [(f"scales.{scale}", layer) for scale, layer in registry.get("scales", {}).items()]
-    for name, experiment in registry["experiments"].items():
-        experiment = experiment or {}
-        sections.append((f"experiments.{name}.model", experiment.get("model")))
-        scale_layers += [(f"experiments.{name}.scales.{scale}", layer)
-                         for scale, layer in experiment.get("scales", {}).items()]
-    for key, layer in scale_layers:
+    sections += [(f"experiments.{name}.model", (experiment or {}).get("model"))
+                 for name, experiment in registry["experiments"].items()]
+    for key, layer in _scale_layers(registry):
         sections.append((f"{key}.model", layer.get("model")))
         sections += [(f"{key}.datasets.{dataset}.model", (protocol or {}).get("model"))
                      for dataset, protocol in layer.get("datasets", {}).items()]
     for key, section in sections:
         if section is not None:
             validate(section, schema, where, prefix=key)
+
+
+def _scale_layers(registry: dict) -> list[tuple[str, dict]]:
+    """(key, layer) of every per-scale layer of a paper: its own and its experiments'."""
+    layers = [(f"scales.{scale}", layer) for scale, layer in registry.get("scales", {}).items()]
+    layers += [(f"experiments.{name}.scales.{scale}", layer)
+               for name, experiment in registry["experiments"].items()
+               for scale, layer in (experiment or {}).get("scales", {}).items()]
+    return layers
 
 
 def _from_command_line(workflow: dict) -> dict:
@@ -330,11 +335,7 @@ def _check_cross_references(params: Params) -> None:
                     )
             check_table_spec(table, spec)
         # Per-dataset protocols (`scales: {paper: {datasets: {ade20k: ...}}}`) must name known datasets.
-        scale_layers = [(f"scales.{scale}", layer) for scale, layer in registry.get("scales", {}).items()]
-        scale_layers += [(f"experiments.{name}.scales.{scale}", layer)
-                         for name, experiment in registry["experiments"].items()
-                         for scale, layer in (experiment or {}).get("scales", {}).items()]
-        for key, layer in scale_layers:
+        for key, layer in _scale_layers(registry):
             for dataset in layer.get("datasets", {}):
                 if dataset not in params.datasets:
                     raise SegreproError(

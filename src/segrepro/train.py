@@ -141,6 +141,8 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
     tags = {
         "paper": config["paper"], "experiment": config["experiment"], "scale": config["scale"],
         "dataset": config["dataset"]["name"], "seed": str(config["seed"]),
+        # Which version of the data: the card's fingerprint of every image, label and split list.
+        "dataset_sha256": str(card.get("content_sha256", "")),
         "backbone": config["model"]["backbone"]["name"], "git_commit": git_commit(),
         "config_hash": digest, "tables": ",".join(tables), "device": str(dev),
     }

@@ -89,13 +89,6 @@ def submission_server(wildcards):
     return formats.pop()
 
 
-def submit_code(wildcards):
-    """What a submission job runs: the evaluator's sources for the paper's model family, plus the
-    submission writer and the Cityscapes label table it reads."""
-    extra = {"src/segrepro/submit.py", "src/segrepro/data/convert.py"}
-    return sorted(set(family_code("evaluate")(wildcards)) | extra)
-
-
 def pyramid_inputs(wildcards):
     """The pyramidal ground truth of the val split, for the single-scale evaluation of a model
     with a pyramidal output (the unity head's precision and recall, Table 9, Fig. 3)."""

@@ -4,7 +4,7 @@ rule submit:
     input:
         model="results/runs/{scale}/{dataset}/{paper}/{experiment}/seed{seed}/model.pt",
         dataset=dataset_card,
-        code=submit_code,
+        code=family_code("submit"),
     output:
         zip="results/submissions/{scale}/{dataset}/{paper}/{experiment}/seed{seed}_{protocol}.zip",
         readme="results/submissions/{scale}/{dataset}/{paper}/{experiment}/seed{seed}_{protocol}.README.txt",
