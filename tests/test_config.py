@@ -231,7 +231,7 @@ def test_bad_workflow_values(workflow, match):
 
 def test_workflow_defaults_are_filled():
     params = load_params(REPO, workflow={"scale": "tiny"})
-    assert params.workflow == {"scale": "tiny", "seeds": [0], "dataset": None, "sources": {}}
+    assert params.workflow == {"scale": "tiny", "seeds": [0], "dataset": None, "sources": {}, "mlflow_uri": None}
 
 
 @pytest.mark.parametrize("call, culprit", [

@@ -13,6 +13,7 @@
   segrepro config   --paper P --experiment E   print the fully resolved configuration
   segrepro list                                papers, experiments and tables
   segrepro tracking-init                       create the MLflow store and experiments
+  segrepro mlflow-server [--host H] [--port P] serve that store to the jobs of a cluster
 
 Run it in the project folder (params/ there). Scale, dataset and seeds default to
 params/config.yaml. Errors print one line and exit 1.
@@ -21,6 +22,7 @@ params/config.yaml. Errors print one line and exit 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -43,6 +45,34 @@ def _run_arguments(parser: argparse.ArgumentParser, seed: bool = True) -> None:
 def _device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+
+
+def _claim_devices(params: Params, args) -> None:
+    """A CUDA run locks its own GPU(s) before torch initialises CUDA (see segrepro.devices): one,
+    or one per process of a multi-process training."""
+    if hasattr(args, "device"):
+        from segrepro.devices import claim_for_run
+
+        args.device = claim_for_run(args.device, _processes(params, args))
+
+
+def _processes(params: Params, args) -> int:
+    """train.processes of a training run started here (1 inside a torchrun worker, or not training)."""
+    if args.command != "train" or "LOCAL_RANK" in os.environ:
+        return 1
+    return int(_resolve(params, args)["train"].get("processes", 1))
+
+
+def _relaunch_under_torchrun(processes: int, argv: list[str]) -> None:
+    """Become `torchrun --standalone --nproc_per_node N -m segrepro.cli ARGV` (DDP, segrepro.distributed),
+    keeping the GPUs claimed for the run; the workflow's rule stays `segrepro train`."""
+    from segrepro.devices import pass_on
+
+    pass_on()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc_per_node={processes}", "-m", "segrepro.cli", *argv])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("list", help="list papers, experiments and tables")
     commands.add_parser("tracking-init", help="create the MLflow store and one experiment per paper")
+
+    server = commands.add_parser("mlflow-server", help="serve results/mlflow.db over HTTP (jobs: --config mlflow_uri=)")
+    server.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    server.add_argument("--port", type=int, default=5000)
+    server.add_argument("--workers", type=int, help="server processes (default: mlflow's, 4)")
+    server.add_argument("--allowed-hosts", help="Host headers to accept besides localhost and private IPs, e.g. head01:5000")
     return parser
 
 
@@ -153,6 +189,9 @@ def cmd_train(params: Params, args) -> None:
     from segrepro.train import train
 
     config = _resolve(params, args)
+    processes = _processes(params, args)
+    if processes > 1:
+        _relaunch_under_torchrun(processes, args.argv)
     _set_threads(args.threads)
     out = args.out or paths.model_path(*_run_paths(config))
     summary = train(config, out, device=args.device, tables=params.tables_using(args.paper, args.experiment))
@@ -256,25 +295,38 @@ def cmd_tracking_init(params: Params, args) -> None:
     tracking.init_store(list(params.papers))
 
 
+def cmd_mlflow_server(params: Params, args) -> None:
+    from segrepro import tracking
+
+    options = (["--workers", str(args.workers)] if args.workers else []) + (
+        ["--allowed-hosts", args.allowed_hosts] if args.allowed_hosts else [])
+    tracking.serve(args.host, args.port, options)
+
+
 COMMANDS = {
     "download": cmd_download, "prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "submit": cmd_submit,
     "table": cmd_table,
     "pyramids": cmd_pyramids, "pyramid-stats": cmd_pyramid_stats, "figure": cmd_figure,
     "flops": cmd_flops, "config": cmd_config, "list": cmd_list, "tracking-init": cmd_tracking_init,
+    "mlflow-server": cmd_mlflow_server,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         params = load_params()
+        _claim_devices(params, args)
         COMMANDS[args.command](params, args)
     except SegreproError as err:
         print(f"segrepro: error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("segrepro: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        # A training stopped by SIGTERM/SIGUSR1 (segrepro.train.Preempted) has its own exit code.
+        print(f"segrepro: {err or 'interrupted'}", file=sys.stderr)
+        return getattr(err, "exit_code", 130)
     return 0
 
 

@@ -1,19 +1,39 @@
 """MLflow logging: one experiment per paper, one MLflow run per training run (named after the
 experiment ID), continued by a resumed job and by the evaluations of the same model.
 
-The default store is a SQLite file under results/ (no server); set MLFLOW_TRACKING_URI to use a
-server instead. SEGREPRO_MLFLOW=0 turns logging off.
+The default store is a SQLite file under results/ (no server); set MLFLOW_TRACKING_URI (or the
+workflow's `mlflow_uri`) to use a server instead, e.g. the one `segrepro mlflow-server` starts.
+SEGREPRO_MLFLOW=0 turns logging off.
+
+Many jobs share one SQLite file, so every write is made to survive contention: the first access of
+a process (which creates and migrates a new store) holds a file lock beside the database, the
+connections wait for a lock instead of failing at once, a write that still fails with "database is
+locked" is retried with backoff, and metrics are buffered and written in batches.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import random
+import re
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+
+from segrepro.errors import SegreproError
 
 DEFAULT_DB = Path("results") / "mlflow.db"
 ARTIFACTS = Path("results") / "mlflow-artifacts"
 RUN_ID_FILE = "mlflow_run_id"
+
+BUSY_TIMEOUT_S = 60  # how long an SQLite connection waits for another writer's lock
+RETRY_FOR_S = 300  # how long a write still failing with "database is locked" is retried
+FLUSH_EVERY_S = 15.0  # buffered metrics are written at least this often ...
+FLUSH_AT = 500  # ... and whenever this many are waiting (and at the end of the run)
+MAX_METRICS, MAX_PARAMS = 1000, 100  # MLflow's limits of one log_batch call
 
 
 def enabled() -> bool:
@@ -21,28 +41,117 @@ def enabled() -> bool:
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB.resolve()}"
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB.resolve()}"
+    return with_busy_timeout(uri)
 
 
-def _mlflow():
+def with_busy_timeout(uri: str) -> str:
+    """An SQLite URI whose connections wait up to BUSY_TIMEOUT_S for a lock (Python's default is
+    5 s, too short while another process migrates a new store); other URIs unchanged."""
+    if not uri.startswith("sqlite:") or re.search(r"[?&]timeout=", uri):
+        return uri
+    return f"{uri}{'&' if '?' in uri else '?'}timeout={BUSY_TIMEOUT_S}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an SQLite URI (None for a server or an in-memory database)."""
+    path = uri.split("?", 1)[0].removeprefix("sqlite:///")
+    if not uri.startswith("sqlite:///") or path in ("", ":memory:"):
+        return None
+    return Path(path)  # sqlite:////abs/x.db is /abs/x.db, sqlite:///x.db is x.db (relative)
+
+
+def use_uri(uri: str | None) -> None:
+    """The workflow's `mlflow_uri`: set, it becomes MLFLOW_TRACKING_URI of this process, and so of
+    every job and onstart command Snakemake starts from it; null keeps the environment's (by
+    default the SQLite file under results/)."""
+    if uri in (None, "", "null", "None"):
+        return
+    if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", uri):
+        raise SegreproError(f"workflow config mlflow_uri: '{uri}' is not a URI (e.g. http://head-node:5000)")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+
+
+def _locked(err: BaseException | None) -> bool:
+    """Whether an error (or one it was raised from) is SQLite's "database is locked"."""
+    seen = 0
+    while err is not None and seen < 10:
+        if "database is locked" in str(err) or "database table is locked" in str(err):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+retries = 0  # how many writes this process had to repeat (the load test reports it)
+
+
+def _retry(call, *args, **kwargs):
+    """call(*args, **kwargs), retried with jittered exponential backoff while SQLite is locked."""
+    global retries
+    deadline, delay = time.monotonic() + RETRY_FOR_S, 0.05
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except Exception as err:
+            if not _locked(err) or time.monotonic() > deadline:
+                raise
+            retries += 1
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 5.0)
+
+
+@contextmanager
+def _creation_lock(uri: str):
+    """Held while a process first opens an SQLite store: creating and migrating a new store from
+    several processes at once fails (tables half made). The creator holds the lock file beside the
+    database exclusively; a process finding the database there takes it shared, so it waits only
+    while a creation is under way. A lock file on the store's filesystem serializes the hosts of
+    a shared filesystem too, unlike MLflow's own lock under /tmp."""
+    path = sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exists = path.exists() and path.stat().st_size > 0
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_SH if exists else fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_READY: set[str] = set()
+
+
+def client():
+    """An MlflowClient of the store, which exists (created and migrated) once this returns."""
     import mlflow
 
-    # A store that does not exist yet is created (schema migrations) here, once per process.
-    DEFAULT_DB.parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(tracking_uri())
-    return mlflow
+    uri = tracking_uri()
+    # Also the process's default, so mlflow.MlflowClient() and mlflow.* calls see the same store.
+    mlflow.set_tracking_uri(uri)
+    if uri in _READY:
+        return mlflow.MlflowClient(uri)
+    # Constructing the client opens the store, which creates and migrates a new one.
+    with _creation_lock(uri):
+        store = _retry(mlflow.MlflowClient, uri)
+        _retry(store.search_experiments, max_results=1)
+    _READY.add(uri)
+    return store
 
 
-def experiment_id(mlflow, paper: str) -> str:
+def experiment_id(store, paper: str) -> str:
     """The paper's MLflow experiment, created on first use (tolerating a concurrent creator)."""
-    found = mlflow.get_experiment_by_name(paper)
+    found = _retry(store.get_experiment_by_name, paper)
     if found is not None:
         return found.experiment_id
+    # A server stores artifacts where it is told to (proxied); a local store next to itself.
+    location = None if sqlite_path(tracking_uri()) is None else (ARTIFACTS.resolve() / paper).as_uri()
     try:
-        location = (ARTIFACTS.resolve() / paper).as_uri()
-        return mlflow.create_experiment(paper, artifact_location=location)
+        return _retry(store.create_experiment, paper, artifact_location=location)
     except Exception:
-        found = mlflow.get_experiment_by_name(paper)
+        found = _retry(store.get_experiment_by_name, paper)
         if found is None:
             raise
         return found.experiment_id
@@ -51,9 +160,44 @@ def experiment_id(mlflow, paper: str) -> str:
 def init_store(papers: list[str]) -> None:
     """Create the store and every paper's experiment up front, so parallel jobs never race on it."""
     if enabled():
-        mlflow = _mlflow()
+        _check_server(tracking_uri())
+        store = client()
         for paper in papers:
-            experiment_id(mlflow, paper)
+            experiment_id(store, paper)
+
+
+def _check_server(uri: str) -> None:
+    """Fail at once, in one line, when a tracking server does not answer (MLflow's client would
+    retry for minutes in every job)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10):
+            pass
+    except OSError as err:
+        raise SegreproError(f"MLflow server {uri} does not answer ({err}); start it with "
+                            "`segrepro mlflow-server` or set mlflow_uri: null") from None
+
+
+def server_command(host: str = "127.0.0.1", port: int = 5000, options: list[str] | None = None) -> list[str]:
+    """`mlflow server` on the project's store (results/mlflow.db), serving the artifacts itself
+    (jobs upload through it into results/mlflow-artifacts/, no shared filesystem needed)."""
+    store = with_busy_timeout(f"sqlite:///{DEFAULT_DB.resolve()}")
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
+            "--serve-artifacts", "--artifacts-destination", ARTIFACTS.resolve().as_uri(),
+            "--host", host, "--port", str(port), *(options or [])]
+
+
+def serve(host: str, port: int, options: list[str] | None = None) -> None:
+    """Create the store if needed (under the creation lock), then become the server."""
+    command = server_command(host, port, options)
+    os.environ["MLFLOW_TRACKING_URI"] = command[command.index("--backend-store-uri") + 1]
+    client()
+    print(f"MLflow server on http://{host}:{port} (store {DEFAULT_DB.resolve()}); jobs log to it with\n"
+          f"  snakemake ... --config mlflow_uri=http://{host}:{port}", file=sys.stderr, flush=True)
+    os.execv(command[0], command)
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, str]:
@@ -69,37 +213,45 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
 
 class Run:
     """An MLflow run tied to a run folder: the run id is stored there, so a resumed training job
-    and the later evaluations log into the same MLflow run. Without tracking, every call is a no-op."""
+    and the later evaluations log into the same MLflow run. Metrics are buffered (see FLUSH_*) and
+    written in batches. Without tracking, every call is a no-op."""
 
     def __init__(self, run_dir: Path, config: dict, tags: dict | None = None):
         self.run_dir = Path(run_dir)
         self.config = config
         self.tags = tags or {}
-        self.mlflow = None
+        self.store = None
+        self.run_id: str | None = None
+        self._pending: list = []
+        self._flushed_at = time.monotonic()
 
     def __enter__(self) -> "Run":
         if not enabled():
             return self
-        mlflow = _mlflow()
+        from mlflow.entities import Param, RunStatus, RunTag
+
+        store = client()
         id_file = self.run_dir / RUN_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else None
-        if run_id is not None and _run_exists(mlflow, run_id):
-            mlflow.start_run(run_id=run_id)
+        if run_id is not None and _run_exists(store, run_id):
+            _retry(store.update_run, run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         else:
-            mlflow.start_run(
-                experiment_id=experiment_id(mlflow, self.config["paper"]),
-                run_name=self.config["experiment"],
-            )
+            run = _retry(store.create_run, experiment_id(store, self.config["paper"]),
+                         run_name=self.config["experiment"])
+            run_id = run.info.run_id
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            id_file.write_text(mlflow.active_run().info.run_id + "\n")
-        mlflow.log_params(flatten(self.config))
-        if self.tags:
-            mlflow.set_tags(self.tags)
-        self.mlflow = mlflow
+            id_file.write_text(run_id + "\n")
+        self.store, self.run_id = store, run_id
+        params = [Param(k, v) for k, v in flatten(self.config).items()]
+        tags = [RunTag(k, str(v)) for k, v in self.tags.items()]
+        for start in range(0, len(params), MAX_PARAMS):
+            _retry(store.log_batch, run_id, params=params[start:start + MAX_PARAMS])
+        for start in range(0, len(tags), MAX_PARAMS):
+            _retry(store.log_batch, run_id, tags=tags[start:start + MAX_PARAMS])
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.mlflow is None:
+        if self.store is None:
             return
         if exc_type is None:
             status = "FINISHED"
@@ -107,20 +259,40 @@ class Run:
             status = "KILLED"
         else:
             status = "FAILED"
-        self.mlflow.end_run(status=status)
+        self.flush()
+        _retry(self.store.set_terminated, self.run_id, status)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if self.mlflow is not None:
-            self.mlflow.log_metrics(metrics, step=step)
+        if self.store is None:
+            return
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), stamp, step or 0) for k, v in metrics.items()]
+        if len(self._pending) >= FLUSH_AT or time.monotonic() - self._flushed_at >= FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered metrics (one transaction per MAX_METRICS of them)."""
+        while self._pending:
+            _retry(self.store.log_batch, self.run_id, metrics=self._pending[:MAX_METRICS])
+            del self._pending[:MAX_METRICS]
+        self._flushed_at = time.monotonic()
 
     def log_artifact(self, path: Path) -> None:
-        if self.mlflow is not None:
-            self.mlflow.log_artifact(str(path))
+        if self.store is not None:
+            _retry(self.store.log_artifact, self.run_id, str(path))
 
 
-def _run_exists(mlflow, run_id: str) -> bool:
+def _run_exists(store, run_id: str) -> bool:
+    """Whether the run is there to continue (not deleted); a locked store is waited for, not
+    taken for a missing run (which would start a second MLflow run for the same folder)."""
+    from mlflow.exceptions import MlflowException
+
     try:
-        mlflow.get_run(run_id)
-        return True
-    except Exception:
-        return False
+        run = _retry(store.get_run, run_id)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return run.info.lifecycle_stage != "deleted"

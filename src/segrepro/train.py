@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from segrepro import atomic, tracking
+from segrepro import atomic, distributed, tracking
 from segrepro.data import load_card, make_train_loader
 from segrepro.data.dataset import crop_pair
 from segrepro.errors import SegreproError
@@ -26,6 +30,50 @@ from segrepro.provenance import config_hash, git_commit, training_config
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
+# The exit code of a job stopped by SIGTERM/SIGUSR1 after writing its checkpoint: EX_TEMPFAIL
+# ("try again later"), nonzero so that Snakemake retries (--retries) and SLURM's requeue reruns it.
+PREEMPTED_EXIT = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(KeyboardInterrupt):
+    """A stop signal ended training at an iteration boundary, its checkpoint written. A
+    KeyboardInterrupt so that the MLflow run ends KILLED (not FAILED, not FINISHED; the rerun
+    continues it) and no `except Exception` on the way swallows it."""
+
+    exit_code = PREEMPTED_EXIT
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """In a loader worker (after torch set its handlers): outlive a stop signal from anyone but
+    the trainer, while a SIGTERM from the trainer (its loader's or the interpreter's shutdown)
+    still ends the worker. A Python handler cannot see the sender, so a thread waits for them."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    threading.Thread(target=_wait_for_the_parents_stop, daemon=True).start()
+
+
+def _wait_for_the_parents_stop() -> None:
+    while True:
+        if signal.sigwaitinfo(STOP_SIGNALS).si_pid == os.getppid():
+            os._exit(0)
+
+
+@contextmanager
+def _stop_requests():
+    """A list that gets the number of any stop signal received, checked once per iteration:
+    SLURM sends SIGTERM on preemption and at the time limit (SIGKILL follows after its KillWait,
+    30 s by default) and the signal of `--signal` (e.g. USR1) before it."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # handlers can only be installed in the main thread
+        return
+    previous = {sig: signal.signal(sig, lambda number, _frame: received.append(number))
+                for sig in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def poly_lr(base_lr: float, iteration: int, iterations: int, power: float) -> float:
@@ -38,9 +86,10 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _iteration_seed(seed: int, iteration: int) -> int:
-    # Dropout and any other in-model randomness restart from the same state after a resume.
-    return (seed * 1_000_003 + iteration) % (2**63)
+def _iteration_seed(seed: int, iteration: int, rank: int = 0) -> int:
+    # Dropout and any other in-model randomness restart from the same state after a resume; each
+    # process of a multi-process run draws its own (rank 0 those of a single-process run).
+    return (seed * 1_000_003 + iteration + rank * 2**32) % (2**63)
 
 
 # Parameters AdamW leaves undecayed besides biases and norm weights (any parameter of ndim <= 1):
@@ -102,7 +151,9 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = config["train"]
     iterations = settings["iterations"]
-    dev = pick_device(device)
+    ctx = distributed.setup(pick_device(device))  # torchrun: this process's rank and GPU
+    dev = ctx.device
+    distributed.local_batch_size(settings["batch_size"], ctx, f"{config['paper']}/{config['experiment']}")
     digest = config_hash(training_config(config))
 
     card = load_card(config["dataset"]["root"])
@@ -123,13 +174,18 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["iteration"]
-        print(f"resuming {config['paper']}/{config['experiment']} from iteration {start} "
-              f"(checkpoint {run_dir / CHECKPOINT})", file=sys.stderr)
-    else:
+        if ctx.main:
+            print(f"resuming {config['paper']}/{config['experiment']} from iteration {start} "
+                  f"(checkpoint {run_dir / CHECKPOINT})", file=sys.stderr)
+    elif ctx.main:
         # A fresh start gets a fresh MLflow run and log, not the leftovers of another configuration.
         (run_dir / tracking.RUN_ID_FILE).unlink(missing_ok=True)
         (run_dir / LOG).unlink(missing_ok=True)
-    _truncate_log(run_dir / LOG, start)
+    distributed.same_on_every_rank(start, f"the iteration to resume from ({run_dir / CHECKPOINT})", ctx)
+    if ctx.main:
+        _truncate_log(run_dir / LOG, start)
+    # With several processes: SyncBN inside DDP; `model` stays the plain module (checkpoints).
+    forward = distributed.wrap(model, ctx)
 
     loader = make_train_loader(
         config["dataset"]["root"], "train", batch_size=settings["batch_size"],
@@ -138,6 +194,10 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
         start_iteration=start, iterations=iterations, num_workers=settings["num_workers"],
         photometric=settings.get("photometric", False),
     )
+    # torch's loader workers die of a SIGTERM their parent did not send, and SLURM signals every
+    # process of the job: they must live on to serve the batches up to the checkpoint.
+    loader.worker_init_fn = _ignore_stop_signals
+    loader = distributed.shard_loader(loader, ctx)  # each process: its slice of the global batch
     tags = {
         "paper": config["paper"], "experiment": config["experiment"], "scale": config["scale"],
         "dataset": config["dataset"]["name"], "seed": str(config["seed"]),
@@ -147,20 +207,22 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
         "config_hash": digest, "tables": ",".join(tables), "device": str(dev),
     }
     began = time.time()
-    with tracking.Run(run_dir, config, tags) as mlrun:
+    with _stop_requests() as stop, distributed.main_only(tracking.Run(run_dir, config, tags), ctx) as mlrun:
         model.train()
         with tqdm(total=iterations, initial=start, desc=f"{config['paper']}/{config['experiment']}",
-                  file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 15.0, unit="it") as progress:
+                  file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 15.0, unit="it",
+                  disable=not ctx.main) as progress:
             window: list[float] = []
             iteration = start
             for images, labels, _ids in _batches(loader):
                 lr = poly_lr(settings["lr"], iteration, iterations, settings["poly_power"])
-                torch.manual_seed(_iteration_seed(config["seed"], iteration))
-                loss, parts = _step(model, optimizer, images.to(dev), labels.to(dev), lr)
+                torch.manual_seed(_iteration_seed(config["seed"], iteration, ctx.rank))
+                loss, parts = _step(forward, optimizer, images.to(dev), labels.to(dev), lr)
+                loss, parts = distributed.mean_over_ranks(loss, parts, ctx)  # the global batch's
                 if not math.isfinite(loss):
-                    raise SegreproError(
+                    distributed.fail_together(
                         f"{config['paper']}/{config['experiment']}: loss is {loss} at iteration "
-                        f"{iteration}; lower train.lr in params"
+                        f"{iteration}; lower train.lr in params", ctx
                     )
                 iteration += 1
                 window.append(loss)
@@ -170,24 +232,35 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
                               **{f"loss_{k}": v for k, v in parts.items()}}
                     window.clear()
                     progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
-                    with open(run_dir / LOG, "a") as log:
-                        log.write(json.dumps(record) + "\n")
+                    if ctx.main:
+                        with open(run_dir / LOG, "a") as log:
+                            log.write(json.dumps(record) + "\n")
                     mlrun.log_metrics({k: v for k, v in record.items() if k != "iteration"}, step=iteration)
-                if iteration % settings["checkpoint_every"] == 0 and iteration < iterations:
+                stop_now = distributed.agree_on_stop(stop, ctx)  # every rank stops at the same iteration
+                if (ctx.main and (iteration % settings["checkpoint_every"] == 0 or stop_now)
+                        and iteration < iterations):
                     _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                            "iteration": iteration, "config_hash": digest}, run_dir / CHECKPOINT)
+                if stop_now and iteration < iterations:
+                    raise Preempted(
+                        f"{config['paper']}/{config['experiment']} stopped by "
+                        f"{signal.Signals(stop_now[0]).name} at iteration {iteration}: checkpoint written, "
+                        f"the same command resumes it"
+                    )
 
         seconds = time.time() - began
         summary = {"iterations": iterations, "resumed_from": start, "train_seconds": seconds,
-                   "device": str(dev), "git_commit": git_commit()}
+                   "device": str(dev), "git_commit": git_commit(), "processes": ctx.world_size}
         if dev.type == "cuda":
             summary["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
         mlrun.log_metrics({"train_seconds": seconds})
-        _save({"model": model.state_dict(), "config": config, "config_hash": digest,
-               "num_classes": card["num_classes"], "ignore_index": card["ignore_index"],
-               "class_names": card["class_names"], "summary": summary}, output)
+        if ctx.main:
+            _save({"model": model.state_dict(), "config": config, "config_hash": digest,
+                   "num_classes": card["num_classes"], "ignore_index": card["ignore_index"],
+                   "class_names": card["class_names"], "summary": summary}, output)
     # The final model supersedes the checkpoint; keeping both would double the disk use.
-    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    if ctx.main:
+        (run_dir / CHECKPOINT).unlink(missing_ok=True)
     return summary
 
 
@@ -196,9 +269,10 @@ def _step(model, optimizer, images, labels, lr: float) -> tuple[float, dict[str,
     (the loss is taken in fp32)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+    net = getattr(model, "module", model)  # the model inside DDP: its loss
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
         outputs = model(images)
-    loss, parts = model.loss(outputs, labels)
+    loss, parts = net.loss(outputs, labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

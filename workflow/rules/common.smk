@@ -2,7 +2,7 @@
 import re
 import shlex
 
-from segrepro import paths
+from segrepro import paths, tracking
 from segrepro.codedeps import stage_sources
 from segrepro.config import load_params
 from segrepro.errors import SegreproError
@@ -10,6 +10,8 @@ from segrepro.provenance import config_hash, training_config
 
 try:
     PARAMS = load_params(workflow=config)
+    # Exported into this process's environment: every job and onstart's tracking-init inherit it.
+    tracking.use_uri(PARAMS.workflow["mlflow_uri"])
 except SegreproError as err:
     raise WorkflowError(str(err)) from None
 
@@ -25,7 +27,7 @@ wildcard_constraints:
     scale=ID,
     paper=ID,
     experiment=ID,
-    table=r"(?!pyramid_stats$)[A-Za-z0-9_]+",  # pyramid_stats.md has a rule of its own
+    table=r"(?!pyramid_stats\b)[A-Za-z0-9_]+",  # pyramid_stats.md has a rule of its own
     figure="|".join(PARAMS.figure_names()) or ID,
     dataset=r"[A-Za-z0-9_.-]+",
     seed=r"\d+",
@@ -180,3 +182,22 @@ def all_targets():
     tables = [paths.table_path(name) for name in PARAMS.table_names()]
     figures = [paths.figure_path(name) for name in PARAMS.figure_names()]
     return tables + figures + [paths.table_path("pyramid_stats")]
+
+
+# What a job asks a cluster for when the scale's params/scales.yaml gives no `resources:`.
+JOB_RESOURCES = {"gpus": 0, "cpus": 1, "mem_mb": 4000, "runtime": 60}
+
+
+def job_resource(stage, key):
+    """An input function for `resources:`: `key` (gpus, cpus, mem_mb, runtime) of the job's scale's
+    `resources.<stage>` (train or eval). Locally these only count; workflow/profiles/slurm turns
+    them into sbatch --gpus/--cpus-per-task/--mem/--time. A DDP run (train.processes) gets one GPU
+    per process."""
+
+    def value(wildcards):
+        amount = PARAMS.scale(wildcards.scale).get("resources", {}).get(stage, {}).get(key, JOB_RESOURCES[key])
+        if stage == "train" and key == "gpus" and amount:
+            amount = max(amount, run_config(wildcards)["train"].get("processes", 1))
+        return amount
+
+    return value

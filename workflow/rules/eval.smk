@@ -10,6 +10,11 @@ rule evaluate:
     params:
         settings=eval_settings,
     threads: 1
+    resources:
+        gpu=job_resource("eval", "gpus"),
+        cpus_per_task=job_resource("eval", "cpus"),
+        mem_mb=job_resource("eval", "mem_mb"),
+        runtime=job_resource("eval", "runtime"),
     conda:
         "../envs/segrepro.yaml"
     log:

@@ -2,7 +2,8 @@ rule figure:
     """A paper figure (PNG) drawn from one trained and evaluated run."""
     input:
         unpack(figure_inputs),
-        code=stage_sources("figure"),
+        # Its paper's model code only: editing another family's model leaves the figure alone.
+        code=family_code("figure", paper_of=lambda wildcards: PARAMS.figure(wildcards.figure)[0]),
     output:
         "results/figures/{figure}.png",
     params:

@@ -12,6 +12,11 @@ rule submit:
         settings=eval_settings,
         server=submission_server,
     threads: 1
+    resources:
+        gpu=job_resource("eval", "gpus"),
+        cpus_per_task=job_resource("eval", "cpus"),
+        mem_mb=job_resource("eval", "mem_mb"),
+        runtime=job_resource("eval", "runtime"),
     conda:
         "../envs/segrepro.yaml"
     log:

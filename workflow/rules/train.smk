@@ -8,6 +8,11 @@ rule train:
     params:
         config=train_config_hash,
     threads: 1
+    resources:
+        gpu=job_resource("train", "gpus"),
+        cpus_per_task=job_resource("train", "cpus"),
+        mem_mb=job_resource("train", "mem_mb"),
+        runtime=job_resource("train", "runtime"),
     conda:
         "../envs/segrepro.yaml"
     log:

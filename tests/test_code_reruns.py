@@ -1,0 +1,96 @@
+"""A code change reruns exactly the jobs whose code it is: editing one model family's file reruns
+that family's trainings, evaluations, submissions, computation counts, tables and figures, and
+nothing of the other families; a file several families import reruns each of them.
+
+Every target of the workflow (tiny scale, all three papers) is marked built once with
+`snakemake --touch` over placeholder outputs: no job runs, yet Snakemake's view (output times after
+input times, the code files as inputs) is that of a finished build, so a dry-run after an edit plans
+what a real build would rerun. tests/test_workflow.py checks the same on a really built table.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import copy_project
+from test_workflow import TINY_CONFIG, edited, planned_jobs, snakemake
+
+from segrepro.config import load_params
+
+FAMILIES = ("pspnet", "saf", "hfgd")
+
+
+def job_paper(params, rule: str, wildcards: dict) -> str | None:
+    """The paper a job belongs to (None: a job of no paper, such as a dataset or its pyramids)."""
+    if "paper" in wildcards:
+        return wildcards["paper"]
+    if rule in ("table", "flops"):
+        return params.table(wildcards["table"])[0]
+    if rule == "figure":
+        return params.figure(wildcards["figure"])[0]
+    return None
+
+
+def key(jobs: list[tuple[str, dict]]) -> set[tuple[str, tuple]]:
+    return {(rule, tuple(sorted(wildcards.items()))) for rule, wildcards in jobs}
+
+
+class Stub:
+    def __init__(self, root: Path, env: dict, plan: list[tuple[str, dict]]):
+        self.root, self.env, self.plan = root, env, plan
+        self.params = load_params(root, workflow={"scale": "tiny", "seeds": [0]})
+
+    def dry_run(self) -> list[tuple[str, dict]]:
+        result = snakemake(self.root, "-n", "--cores", "1", *TINY_CONFIG, env=self.env, timeout=120)
+        assert result.returncode == 0, result.stdout[-5000:]
+        return planned_jobs(result.stdout)
+
+
+def dry_run_outputs(output: str) -> list[Path]:
+    return [Path(path) for line in output.splitlines() if line.strip().startswith("output:")
+            for path in line.strip()[len("output:"):].strip().split(", ")]
+
+
+@pytest.fixture(scope="module")
+def stub(tmp_path_factory) -> Stub:
+    root = tmp_path_factory.mktemp("code-reruns") / "project"
+    copy_project(root)
+    env = {**os.environ, "SEGREPRO_MLFLOW": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = snakemake(root, "-n", "--cores", "1", *TINY_CONFIG, env=env, timeout=120)
+    assert result.returncode == 0, result.stdout[-5000:]
+    plan = planned_jobs(result.stdout)
+    assert {job_paper(None, rule, w) for rule, w in plan if rule in ("train", "evaluate")} == set(FAMILIES)
+    for path in dry_run_outputs(result.stdout):
+        path = root / path
+        if path.suffix:  # every output is a file with an extension, but the pyramids' directories
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+    touched = snakemake(root, "--touch", "--cores", "1", *TINY_CONFIG, env=env, timeout=120)
+    assert touched.returncode == 0, touched.stdout[-5000:]
+    built = Stub(root, env, plan)
+    assert built.dry_run() == [], "the touched build is not up to date"
+    return built
+
+
+@pytest.mark.parametrize("module, families", [
+    ("models/hfgd.py", {"hfgd"}),
+    ("models/pspnet.py", {"pspnet"}),
+    ("models/specialize_fuse.py", {"saf"}),
+    # Shared modules: layers.py is imported by PSPNet's and HFGD's models, not by SaF's HRNet.
+    ("models/layers.py", {"pspnet", "hfgd"}),
+    ("models/losses.py", set(FAMILIES)),
+])
+def test_model_code_change_reruns_its_families_only(stub, module, families):
+    with edited(stub.root / "src/segrepro" / module, lambda text: text + "\n# a change\n"):
+        jobs = stub.dry_run()
+    expected = [(rule, w) for rule, w in stub.plan
+                if rule == "all" or job_paper(stub.params, rule, w) in families]
+    assert key(jobs) == key(expected), sorted(key(jobs) ^ key(expected))
+    rules = {rule for rule, _ in jobs}
+    assert {"train", "evaluate", "table"} <= rules, rules
