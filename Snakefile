@@ -1,7 +1,7 @@
 # Reproduce the tables of PSPNet, Specialize-and-Fuse and HFGD from raw data.
 #   snakemake results/tables/table6.md --cores all                     (demo scale, CPU)
 #   snakemake results/tables/table6.md --cores all --config scale=tiny seeds=[0,1]
-# Stages: dataset -> pyramidal ground truth -> training -> evaluation -> tables and figures;
+# Stages: dataset -> pyramidal ground truth -> training -> evaluation -> tables and figures -> report;
 # every rule calls the `segrepro` CLI.
 
 configfile: "params/config.yaml"
@@ -15,6 +15,7 @@ include: "workflow/rules/eval.smk"
 include: "workflow/rules/submit.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

@@ -27,7 +27,7 @@ def job_paper(params, rule: str, wildcards: dict) -> str | None:
     """The paper a job belongs to (None: a job of no paper, such as a dataset or its pyramids)."""
     if "paper" in wildcards:
         return wildcards["paper"]
-    if rule in ("table", "flops"):
+    if rule in ("table", "flops", "efficiency"):
         return params.table(wildcards["table"])[0]
     if rule == "figure":
         return params.figure(wildcards["figure"])[0]
@@ -78,19 +78,25 @@ def stub(tmp_path_factory) -> Stub:
     return built
 
 
-@pytest.mark.parametrize("module, families", [
-    ("models/hfgd.py", {"hfgd"}),
-    ("models/pspnet.py", {"pspnet"}),
-    ("models/specialize_fuse.py", {"saf"}),
-    # Shared modules: layers.py is imported by PSPNet's and HFGD's models, not by SaF's HRNet.
-    ("models/layers.py", {"pspnet", "hfgd"}),
-    ("models/losses.py", set(FAMILIES)),
+# SaF's efficiency tables (Tables 5, B) time comparison heads built from the shared layers.
+EFFICIENCY_TABLES = {"table5", "tableB"}
+
+
+@pytest.mark.parametrize("module, families, tables", [
+    ("models/hfgd.py", {"hfgd"}, set()),
+    ("models/pspnet.py", {"pspnet"}, set()),
+    ("models/specialize_fuse.py", {"saf"}, set()),
+    # Shared modules: layers.py is imported by PSPNet's and HFGD's models, not by SaF's HRNet (only
+    # by the comparison heads SaF's efficiency tables time).
+    ("models/layers.py", {"pspnet", "hfgd"}, EFFICIENCY_TABLES),
+    ("models/losses.py", set(FAMILIES), set()),
+    ("models/context_heads.py", set(), EFFICIENCY_TABLES),
 ])
-def test_model_code_change_reruns_its_families_only(stub, module, families):
+def test_model_code_change_reruns_its_families_only(stub, module, families, tables):
     with edited(stub.root / "src/segrepro" / module, lambda text: text + "\n# a change\n"):
         jobs = stub.dry_run()
     expected = [(rule, w) for rule, w in stub.plan
-                if rule == "all" or job_paper(stub.params, rule, w) in families]
+                if rule == "all" or job_paper(stub.params, rule, w) in families or w.get("table") in tables]
     assert key(jobs) == key(expected), sorted(key(jobs) ^ key(expected))
     rules = {rule for rule, _ in jobs}
-    assert {"train", "evaluate", "table"} <= rules, rules
+    assert ({"train", "evaluate", "table"} if families else {"efficiency", "table"}) <= rules, rules

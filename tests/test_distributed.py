@@ -33,7 +33,8 @@ def torchrun(*args: str, processes: int = 2, timeout: float = 300) -> subprocess
 
 
 def read_log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / LOG).read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / LOG).read_text().splitlines()]
+    return [record for record in records if "loss" in record]  # not the training curve's val_miou
 
 
 def mlflow_runs(project: Path) -> list:

@@ -10,7 +10,7 @@ from segrepro import inference
 from segrepro.config import deep_merge, load_params
 from segrepro.errors import SegreproError
 from segrepro.models import build_model
-from segrepro.train import _step, build_optimizer
+from segrepro.train import build_optimizer, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 5
@@ -140,7 +140,7 @@ def test_the_full_model_learns_a_batch(params):
     images, labels = batch((64, 64))
     labels[:, 3:] = (torch.arange(64) // 16 % NUM_CLASSES)[None, None, :].expand(2, 61, 64)
     images[:, 0] += labels.clamp(max=NUM_CLASSES).float()  # make the classes visible
-    losses = [_step(model, optimizer, images, labels, 0.05)[1]["main"] for _ in range(30)]
+    losses = [train_step(model, optimizer, images, labels, 0.05)[1]["main"] for _ in range(30)]
     assert losses[-1] < 0.6 * losses[0]
 
 
@@ -154,7 +154,7 @@ def test_every_experiment_trains_a_step_and_evaluates(params):
         config = params.resolve("hfgd", experiment, "tiny")
         model = tiny_model(params, experiment).train()
         optimizer = build_optimizer(model, config["train"])
-        loss, parts = _step(model, optimizer, images, labels, config["train"]["lr"])
+        loss, parts = train_step(model, optimizer, images, labels, config["train"]["lr"])
         assert torch.isfinite(torch.tensor(loss)) and loss > 0, experiment
         assert "main" in parts and ("guide" in parts) == model.guidance, experiment
         matrix = inference.evaluate(model.eval().predict, dataset, {"scales": [0.75, 1.25], "flip": True}, "cpu",

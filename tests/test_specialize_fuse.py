@@ -10,7 +10,7 @@ from segrepro.config import load_params
 from segrepro.models import build_model
 from segrepro.models.specialize_fuse import APNB, attend, pyramid_pool
 from segrepro.pyramid import fuse
-from segrepro.train import _step
+from segrepro.train import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = list("ABCDEFGHIJK")
@@ -69,7 +69,7 @@ def test_every_ablation_trains_a_step_and_evaluates(params, experiment):
     model = tiny_model(params, experiment)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     images = torch.randn(2, 3, 64, 64)
-    loss, parts = _step(model.train(), optimizer, images, labels_with_regions(2, 64, 64), 0.01)
+    loss, parts = train_step(model.train(), optimizer, images, labels_with_regions(2, 64, 64), 0.01)
     assert torch.isfinite(torch.tensor(loss)) and loss > 0
     expected_parts = {"single": {"main"}, "aux": {"main", "aux"}, "pyramidal": {"semantic", "unity"}}
     assert set(parts) == expected_parts[model.output]
@@ -120,7 +120,7 @@ def test_the_full_model_learns_a_batch(params):
     images = torch.randn(2, 3, 64, 64)
     labels = labels_with_regions(2, 64, 64)
     images[:, 0] += labels.float()  # make the classes visible in the input
-    losses = [_step(model, optimizer, images, labels, 0.05)[0] for _ in range(25)]
+    losses = [train_step(model, optimizer, images, labels, 0.05)[0] for _ in range(25)]
     assert losses[-1] < 0.6 * losses[0]
 
 

@@ -123,11 +123,11 @@ def test_three_seeds_mean_std_and_spread():
     assert frame.loc[1, "miou_n_seeds"] == 3
     pairs, best = claim_lines(text)
     assert pairs == (
-        "- ✅ reproduced: PSP beats FCN and MS helps (within seed spread) — psp50 42.00 > fcn 37.00; "
+        "- ➖ within the seeds' spread: PSP beats FCN and MS helps — psp50 42.00 > fcn 37.00; "
         "psp50@ms 42.50 > psp50 42.00 (paper's numbers agree)"
     )
     assert best == (
-        "- ✅ reproduced: MS is best (within seed spread) — psp50@ms 42.50 vs next best psp50 42.00 "
+        "- ➖ within the seeds' spread: MS is best — psp50@ms 42.50 vs next best psp50 42.00 "
         "(paper's numbers agree)"
     )
 

@@ -158,7 +158,7 @@ def test_concurrent_jobs_through_the_mlflow_server_lose_nothing(project):
             os.killpg(server.pid, signal.SIGKILL)
             server.communicate()
     # Written by the server into the project: the store and the uploaded artifacts.
-    store = sqlite3.connect(project / tracking.DEFAULT_DB)
+    store = sqlite3.connect(tracking.sqlite_path(os.environ["MLFLOW_TRACKING_URI"]))  # the one served
     assert store.execute("select count(*) from runs where status = 'FINISHED'").fetchone() == (8,)
     assert len(list((project / tracking.ARTIFACTS).rglob("note.txt"))) == 8
 
@@ -225,6 +225,7 @@ def test_an_absent_server_fails_the_store_creation_in_one_line(monkeypatch):
 
 def test_server_command_serves_the_project_store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # no other store named: the project's
     command = tracking.server_command("10.0.0.5", 5001, ["--workers", "2"])
     assert command[1:4] == ["-m", "mlflow", "server"]
     store = command[command.index("--backend-store-uri") + 1]

@@ -31,7 +31,8 @@ def mlflow_client():
 
 
 def read_log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / LOG).read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / LOG).read_text().splitlines()]
+    return [record for record in records if "loss" in record]  # not the training curve's val_miou
 
 
 def tiny_config(**override) -> dict:

@@ -10,6 +10,11 @@
   segrepro pyramid-stats DATASET               results/tables/pyramid_stats.md from it
   segrepro figure NAME                         write results/figures/NAME.png
   segrepro flops NAME                          count the models of a table: results/flops/NAME.json
+  segrepro efficiency NAME                     time the models of an efficiency table (SaF 5, B)
+  segrepro report                              results/report.html: tables, figures, claims, runs
+  segrepro claims                              every claim of the built tables, checked
+  segrepro plan TARGET...                      the jobs a target needs and their estimated cost
+  segrepro calibrate --paper P --experiment E  measure a run's training/inference throughput here
   segrepro config   --paper P --experiment E   print the fully resolved configuration
   segrepro list                                papers, experiments and tables
   segrepro tracking-init                       create the MLflow store and experiments
@@ -137,13 +142,50 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("name", help="a table with a 'flops' section, e.g. hfgd_table9")
     flops.add_argument("--out", type=Path, help="default: results/flops/NAME.json")
 
+    efficiency = commands.add_parser("efficiency", help="time a table's models: FPS, it/s, memory (no training)")
+    efficiency.add_argument("name", help="a table of kind 'efficiency', e.g. table5")
+    efficiency.add_argument("--scale")
+    _device_arguments(efficiency)
+    efficiency.add_argument("--out", type=Path, help="default: results/efficiency/NAME.json")
+
+    report = commands.add_parser("report", help="one HTML page of every built table, figure, claim and run")
+    report.add_argument("--scale")
+    report.add_argument("--dataset")
+    report.add_argument("--seeds", type=int, nargs="+")
+    report.add_argument("--out", type=Path, default=Path("results/report.html"))
+
+    claims = commands.add_parser("claims", help="every claim the tables check: reproduced or not, or not yet run")
+    claims.add_argument("--scale")
+    claims.add_argument("--out", type=Path, help="also write this Markdown file (e.g. results/claims.md)")
+
+    plan = commands.add_parser("plan", help="the jobs a target needs and their GPU-hours (nothing is trained)")
+    plan.add_argument("targets", nargs="+", help="e.g. results/tables/table6.md or results/report.html")
+    plan.add_argument("--scale")
+    plan.add_argument("--dataset")
+    plan.add_argument("--seeds", type=int, nargs="+")
+    _device_arguments(plan)
+    plan.add_argument("--gpus", type=int, default=1, help="GPUs running jobs at once, for the wall time (default 1)")
+    plan.add_argument("--recalibrate", action="store_true", help="measure again even if a calibration is stored")
+    plan.add_argument("--steps", type=int, default=5, help="timed training steps of a calibration (default 5)")
+    plan.add_argument("--batch", type=int, help="calibration batch per process (default: the run's; on a CPU, "
+                                                "at most 2x512x512 pixels' worth, scaled linearly)")
+    plan.add_argument("--json", type=Path, help="also write the plan as JSON to this file")
+
+    calibrate = commands.add_parser("calibrate", help="measure a run's training and inference throughput (a few steps)")
+    _run_arguments(calibrate, seed=False)
+    _device_arguments(calibrate)
+    calibrate.add_argument("--steps", type=int, default=5, help="timed training steps after a warm-up")
+    calibrate.add_argument("--batch", type=int, help="batch per process to measure at (default: the run's; on a "
+                                                     "CPU, at most 2x512x512 pixels' worth, scaled linearly)")
+
     config = commands.add_parser("config", help="print a run's resolved configuration")
     _run_arguments(config)
 
     commands.add_parser("list", help="list papers, experiments and tables")
     commands.add_parser("tracking-init", help="create the MLflow store and one experiment per paper")
 
-    server = commands.add_parser("mlflow-server", help="serve results/mlflow.db over HTTP (jobs: --config mlflow_uri=)")
+    server = commands.add_parser("mlflow-server", help="the MLflow UI and tracking server on the project's store "
+                                 "(127.0.0.1; jobs: --config mlflow_uri=)")
     server.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     server.add_argument("--port", type=int, default=5000)
     server.add_argument("--workers", type=int, help="server processes (default: mlflow's, 4)")
@@ -278,6 +320,40 @@ def cmd_flops(params: Params, args) -> None:
     print(f"wrote {out}")
 
 
+def cmd_efficiency(params: Params, args) -> None:
+    from segrepro.efficiency import cmd_efficiency as run
+
+    _set_threads(args.threads)
+    run(params, args)
+
+
+def cmd_report(params: Params, args) -> None:
+    from segrepro.report import write_report
+
+    write_report(params, args.out, scale=args.scale, dataset=args.dataset, seeds=args.seeds)
+    print(f"wrote {args.out}")
+
+
+def cmd_claims(params: Params, args) -> None:
+    from segrepro.claims import cmd_claims as run
+
+    run(params, args)
+
+
+def cmd_plan(params: Params, args) -> None:
+    from segrepro.plan import cmd_plan as run
+
+    _set_threads(args.threads)
+    run(params, args)
+
+
+def cmd_calibrate(params: Params, args) -> None:
+    from segrepro.plan import cmd_calibrate as run
+
+    _set_threads(args.threads)
+    run(params, args)
+
+
 def cmd_config(params: Params, args) -> None:
     yaml.safe_dump(_resolve(params, args), sys.stdout, sort_keys=False)
 
@@ -308,7 +384,8 @@ COMMANDS = {
     "table": cmd_table,
     "pyramids": cmd_pyramids, "pyramid-stats": cmd_pyramid_stats, "figure": cmd_figure,
     "flops": cmd_flops, "config": cmd_config, "list": cmd_list, "tracking-init": cmd_tracking_init,
-    "mlflow-server": cmd_mlflow_server,
+    "mlflow-server": cmd_mlflow_server, "efficiency": cmd_efficiency, "report": cmd_report,
+    "claims": cmd_claims, "plan": cmd_plan, "calibrate": cmd_calibrate,
 }
 
 

@@ -22,6 +22,10 @@ STAGES = {
     "pyramid_stats": "segrepro.pyramid_stats",
     "figure": "segrepro.figures",
     "flops": "segrepro.flops",
+    # The table-side module starts the probe by name (segrepro.efficiency's doc says why), so
+    # both are entry modules.
+    "efficiency": ("segrepro.efficiency", "segrepro.efficiency_probe"),
+    "report": "segrepro.report",
 }
 
 # The modules only one model family's runs need. A run of another family does not follow their
@@ -63,14 +67,15 @@ def _imported_modules(path: Path, module: str) -> set[str]:
 
 @cache
 def stage_sources(stage: str, family: str | None = None, source_root: str = "src") -> list[str]:
-    """Sorted paths (under `source_root`) of every package module the stage's entry module imports,
-    itself and the packages' __init__ files included. With a model `family`, the modules of the other
+    """Sorted paths (under `source_root`) of every package module the stage's entry module(s) import,
+    themselves and the packages' __init__ files included. With a model `family`, the modules of the other
     families are left out."""
     root = Path(source_root)
     others = {m for name, modules in FAMILY_MODULES.items() if name != family for m in modules}
     if family is None:
         others = set()
-    pending, seen = [STAGES[stage]], {}
+    entries = STAGES[stage]
+    pending, seen = [entries] if isinstance(entries, str) else list(entries), {}
     while pending:
         module = pending.pop()
         path = _module_file(root, module)

@@ -7,6 +7,7 @@ DATA = Path("data")
 RAW = DATA / "raw"  # downloaded archives, kept out of data.dvc (see .dvcignore)
 ARCHIVE_LOCK = Path("params") / "archives.lock.yaml"
 RESULTS = Path("results")
+TRAIN_LOG = "train_log.jsonl"  # in a run's folder: JSON lines of loss/lr and of the curve's val mIoU
 
 
 def dataset_root(dataset: str) -> Path:

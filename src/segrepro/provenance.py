@@ -28,6 +28,14 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# Keys of `train` that only watch a run (the training curve's validation): no rerun when they change.
+MONITORING_KEYS = ("val_every", "val_images")
+
+
 def training_config(config: dict) -> dict:
-    """The part of a run's configuration the trained model depends on (not its test protocols)."""
-    return {key: value for key, value in config.items() if key != "eval"}
+    """The part of a run's configuration the trained model depends on (not its test protocols,
+    not what only monitors it)."""
+    kept = {key: value for key, value in config.items() if key != "eval"}
+    if "train" in kept:
+        kept["train"] = {key: value for key, value in kept["train"].items() if key not in MONITORING_KEYS}
+    return kept

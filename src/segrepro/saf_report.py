@@ -25,6 +25,8 @@ from segrepro.saf_analysis import (
 )
 from segrepro.tables import (
     MISSING,
+    NOT_REPRODUCED,
+    REPRODUCED,
     _cell,
     _fmt,
     _fmt_header_value,
@@ -32,6 +34,7 @@ from segrepro.tables import (
     check_header,
     check_table_spec,
     header_lines,
+    verdict_line,
     write_table,
 )
 
@@ -111,9 +114,7 @@ def _column_claim(column: int, strides, ours, paper, missing_note: str) -> tuple
         else:
             agree = all(theirs[column] > theirs[sem] for sem in range(L) if sem != column)
             note = "paper's numbers agree" if agree else "paper's numbers disagree"
-    verdict = "✅ reproduced" if holds else "❌ not reproduced"
-    mark = " (within seed spread)" if spread else ""
-    return holds, f"- {verdict}: {head}{mark} — {evidence} ({note})"
+    return holds and not spread, verdict_line(head, holds, spread, evidence, note)
 
 
 def _plot_matrices(ours, paper, strides, paper_strides, out_png: Path) -> None:
@@ -237,7 +238,7 @@ def write_level_table(name: str, spec: dict, analyses: list[dict], header: dict,
                         f" {', '.join(str(s) for s in paper_strides)}: not comparable")
     verdicts = [_column_claim(level, strides, ours, paper, missing_note) for level in order]
     held = sum(ok for ok, _ in verdicts)
-    overall = "✅ reproduced" if held == L else "❌ not reproduced"
+    overall = REPRODUCED if held == L else NOT_REPRODUCED
     if paper is None:
         paper_overall = missing_note
     elif all(v is not None for row in paper for v in row):

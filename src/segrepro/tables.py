@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,12 @@ def check_table_spec(name: str, spec: dict) -> None:
     where = f"table {name!r}"
     if not isinstance(spec, dict):
         raise SegreproError(f"{where}: the spec must be a mapping, got {type(spec).__name__}")
+    if spec.get("kind") == "efficiency":
+        # segrepro.efficiency is torch-free, as this module must be.
+        from segrepro.efficiency import check_efficiency_spec
+
+        check_efficiency_spec(where, spec)
+        return
     if not isinstance(spec.get("title"), str) or not spec["title"]:
         raise SegreproError(f"{where}: missing 'title'")
     metrics = spec.get("metrics")
@@ -254,6 +261,41 @@ def _within_spread(a: tuple[float, float, int], b: tuple[float, float, int]) -> 
     return bool(spreads) and abs(a[0] - b[0]) < max(spreads)
 
 
+# The three verdicts of a claim. With several seeds a claim counts as reproduced only when every
+# difference it rests on exceeds the seeds' spread (the larger sample std of the two rows).
+REPRODUCED = "✅ reproduced"
+NOT_REPRODUCED = "❌ not reproduced"
+WITHIN_SPREAD = "➖ within the seeds' spread"
+SPREAD_MARK = " (within seed spread)"
+_CLAIM_LINE = re.compile(
+    rf"^- (?P<verdict>{REPRODUCED}|{NOT_REPRODUCED}|{WITHIN_SPREAD}): (?P<claim>.*?)(?P<spread>{re.escape(SPREAD_MARK)})?"
+    r" — (?P<evidence>.*) \((?P<paper>[^()]*)\)$"
+)
+
+
+def verdict_line(claim: str, holds: bool, within_spread: bool, evidence: str, paper_note: str) -> str:
+    """One Markdown line of a table's Claims section: the verdict, the claim, our numbers and
+    what the paper's own numbers say. A claim whose direction holds but whose difference lies
+    within the seeds' spread is not reproduced; a failed one keeps the spread as a remark."""
+    if holds:
+        verdict, mark = (WITHIN_SPREAD, "") if within_spread else (REPRODUCED, "")
+    else:
+        verdict, mark = NOT_REPRODUCED, SPREAD_MARK if within_spread else ""
+    return f"- {verdict}: {claim}{mark} — {evidence} ({paper_note})"
+
+
+def parse_claims(markdown: str) -> list[dict]:
+    """The judged claims of a built table (its `## Claims` section), as dicts with keys verdict
+    (one of the three), claim, evidence and paper; lines in another form are skipped."""
+    _, found, section = markdown.partition("\n## Claims\n")
+    claims = []
+    for line in section.split("\n## ", 1)[0].splitlines() if found else []:
+        match = _CLAIM_LINE.match(line.strip())
+        if match:
+            claims.append({key: match[key] for key in ("verdict", "claim", "evidence", "paper")})
+    return claims
+
+
 def _paper_note(holds: bool | None) -> str:
     if holds is None:
         return "paper's numbers: incomplete"
@@ -309,9 +351,7 @@ def _judge_claim(claim: dict, stats: dict, paper: dict, order: list[str]) -> str
 
     if metric != DEFAULT_CLAIM_METRIC:
         evidence = f"{metric_name(metric)}: {evidence}"
-    verdict = "✅ reproduced" if holds else "❌ not reproduced"
-    mark = " (within seed spread)" if spread else ""
-    return f"- {verdict}: {claim['claim']}{mark} — {evidence} ({_paper_note(paper_holds)})"
+    return verdict_line(claim["claim"], holds, spread, evidence, _paper_note(paper_holds))
 
 
 def _flops_lines(spec: dict, counts: dict, paper: dict, order: list[str]) -> list[str]:
@@ -547,6 +587,11 @@ def write_paper_table(params, name: str, scale: str, dataset: str | None, seeds:
     from segrepro import paths
 
     paper, spec = params.checked_table(name, scale)
+    if spec.get("kind") == "efficiency":
+        from segrepro.efficiency import write_efficiency_table
+
+        write_efficiency_table(params, name, spec, scale, out)
+        return
     dataset_name = params.table_dataset(name, scale, dataset)
     counts = _load_flops(name, paths.flops_path(name))["models"] if spec.get("flops") else {}
     results = {}
@@ -591,4 +636,34 @@ def write_paper_table(params, name: str, scale: str, dataset: str | None, seeds:
         write_level_table(name, spec, [run["levels"] for run in runs], header, out)
         return
     text, frame = build_table(name, spec, results, header, counts)
+    chart = chart_path(out)
+    write_chart(spec["title"], spec["metrics"], frame, chart)
     write_table(out, text, frame)
+    _attach_to_runs(name, runs, [Path(out), Path(out).with_suffix(".csv"), chart])
+
+
+def chart_path(table_md: Path) -> Path:
+    """The bar chart beside a table: results/tables/NAME.chart.png."""
+    return Path(table_md).with_name(f"{Path(table_md).stem}.chart.png")
+
+
+def write_chart(title: str, metrics: list[str], frame: pd.DataFrame, out: Path) -> None:
+    """Paper vs ours per row and metric (mean ± std over seeds), from the table's CSV columns."""
+    from segrepro.plots import plot_table_chart
+
+    def column(key: str) -> list:
+        return [None if pd.isna(v) else float(v) for v in frame[key]] if key in frame else [None] * len(frame)
+
+    panels = {metric_name(m): {"paper": column(f"{m}_paper"), "ours": column(f"{m}_ours_mean"),
+                               "std": column(f"{m}_ours_std")} for m in metrics}
+    plot_table_chart(title, list(frame["label"]), panels, out)
+
+
+def _attach_to_runs(name: str, runs: list[dict], files: list[Path]) -> None:
+    """The table and its chart as artifacts (tables/NAME/) of every MLflow run behind its rows."""
+    from segrepro import paths, tracking
+
+    for run in runs:
+        if {"scale", "dataset", "paper", "experiment", "seed"} <= run.keys():
+            folder = paths.run_dir(run["scale"], run["dataset"], run["paper"], run["experiment"], run["seed"])
+            tracking.attach_files(folder, files, f"tables/{name}")

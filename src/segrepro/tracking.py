@@ -3,7 +3,8 @@ experiment ID), continued by a resumed job and by the evaluations of the same mo
 
 The default store is a SQLite file under results/ (no server); set MLFLOW_TRACKING_URI (or the
 workflow's `mlflow_uri`) to use a server instead, e.g. the one `segrepro mlflow-server` starts.
-SEGREPRO_MLFLOW=0 turns logging off.
+SEGREPRO_MLFLOW=0 turns logging off. The same server is the MLflow UI of the store; `table_runs`,
+`runs_url` and `compare_url` link a paper table to its runs there.
 
 Many jobs share one SQLite file, so every write is made to survive contention: the first access of
 a process (which creates and migrates a new store) holds a file lock beside the database, the
@@ -22,6 +23,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import quote
 
 from segrepro.errors import SegreproError
 
@@ -181,11 +183,21 @@ def _check_server(uri: str) -> None:
                             "`segrepro mlflow-server` or set mlflow_uri: null") from None
 
 
+def served_store() -> str:
+    """The store `segrepro mlflow-server` serves: the SQLite file jobs log to without a server, i.e.
+    MLFLOW_TRACKING_URI where it names one (so the UI shows the runs a workflow just logged), else
+    results/mlflow.db. A server URI there (perhaps this very server's) is no store to serve."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if sqlite_path(uri) is None:
+        uri = f"sqlite:///{DEFAULT_DB.resolve()}"
+    return with_busy_timeout(uri)
+
+
 def server_command(host: str = "127.0.0.1", port: int = 5000, options: list[str] | None = None) -> list[str]:
-    """`mlflow server` on the project's store (results/mlflow.db), serving the artifacts itself
-    (jobs upload through it into results/mlflow-artifacts/, no shared filesystem needed)."""
-    store = with_busy_timeout(f"sqlite:///{DEFAULT_DB.resolve()}")
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
+    """`mlflow server` on the project's store (`served_store`), serving the artifacts itself (jobs
+    upload through it into results/mlflow-artifacts/, no shared filesystem needed; the runs a
+    local store logged keep their file:// artifacts, which the server reads for the UI)."""
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", served_store(),
             "--serve-artifacts", "--artifacts-destination", ARTIFACTS.resolve().as_uri(),
             "--host", host, "--port", str(port), *(options or [])]
 
@@ -193,11 +205,91 @@ def server_command(host: str = "127.0.0.1", port: int = 5000, options: list[str]
 def serve(host: str, port: int, options: list[str] | None = None) -> None:
     """Create the store if needed (under the creation lock), then become the server."""
     command = server_command(host, port, options)
-    os.environ["MLFLOW_TRACKING_URI"] = command[command.index("--backend-store-uri") + 1]
+    store = command[command.index("--backend-store-uri") + 1]
+    os.environ["MLFLOW_TRACKING_URI"] = store
+    # MLflow's server-side jobs (GenAI scorers, trace roll-ups) start about seven more processes
+    # beside the server, which the project's runs never use; set this to true to have them.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     client()
-    print(f"MLflow server on http://{host}:{port} (store {DEFAULT_DB.resolve()}); jobs log to it with\n"
+    print(f"MLflow server and UI on http://{host}:{port} (store {sqlite_path(store)}); jobs log to it with\n"
           f"  snakemake ... --config mlflow_uri=http://{host}:{port}", file=sys.stderr, flush=True)
     os.execv(command[0], command)
+
+
+# Links into the MLflow UI, a single-page app whose routes follow '#'. A table's runs carry the tag
+# table_<table> = yes (set at training), so the UI's search box lines them up; its compare page
+# shows their parameters and metrics side by side.
+
+def table_tag(table: str) -> str:
+    """The run tag that marks a run as one of `table`'s (value "yes")."""
+    return f"table_{table}"
+
+
+def table_filter(table: str) -> str:
+    """The UI's search-box filter (MLflow's search syntax) listing the runs of `table`."""
+    return f"tags.{table_tag(table)} = 'yes'"
+
+
+def runs_url(base_url: str, experiment_id: str, search_filter: str | None = None) -> str:
+    """The UI's runs page of an experiment, its search box filled with `search_filter`."""
+    url = f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return f"{url}?searchFilter={quote(search_filter, safe='')}" if search_filter else url
+
+
+def compare_url(base_url: str, experiment_id: str, run_ids: list[str]) -> str:
+    """The UI's compare page of the given runs (in this order) of one experiment."""
+    runs, experiments = (quote(json.dumps(ids, separators=(",", ":")), safe="")
+                         for ids in (list(run_ids), [experiment_id]))
+    return f"{base_url.rstrip('/')}/#/compare-runs?runs={runs}&experiments={experiments}"
+
+
+def table_runs(store, table: str, scale: str | None = None, dataset: str | None = None,
+               seeds: list[int] | None = None) -> list:
+    """The MLflow runs (mlflow.entities.Run) behind `table`, active runs of every experiment whose
+    `tables` tag lists it (runs trained before the table_<table> tag existed included), narrowed
+    to a scale, dataset and seeds when given. A run folder retrained from scratch (new config)
+    starts a new MLflow run, so per experiment ID, scale, dataset and seed only the latest counts.
+    Sorted by run name (the experiment ID), then seed."""
+    if not re.fullmatch(r"\w+", table):
+        raise SegreproError(f"table name {table!r}: only letters, digits and '_' allowed")
+    # LIKE narrows on the server ('_' matches any character there); membership is checked below.
+    query = [f"tags.tables LIKE '%{table}%'"]
+    for key, value in (("scale", scale), ("dataset", dataset)):
+        if value is not None:
+            if "'" in value:
+                raise SegreproError(f"{key} {value!r}: a quote cannot be searched for")
+            query.append(f"tags.{key} = '{value}'")
+    wanted_seeds = None if seeds is None else {str(seed) for seed in seeds}
+    experiments = [e.experiment_id for e in _all_pages(store.search_experiments)]
+    latest = {}
+    if experiments:
+        for run in _all_pages(store.search_runs, experiments, " and ".join(query)):
+            tags = run.data.tags
+            if table not in tags.get("tables", "").split(","):
+                continue
+            if wanted_seeds is not None and tags.get("seed") not in wanted_seeds:
+                continue
+            key = (run.info.experiment_id, run.info.run_name, tags.get("scale"), tags.get("dataset"),
+                   tags.get("seed"))
+            if key not in latest or run.info.start_time > latest[key].info.start_time:
+                latest[key] = run
+    return sorted(latest.values(), key=lambda run: (run.info.run_name, _seed(run)))
+
+
+def _seed(run) -> int:
+    seed = run.data.tags.get("seed", "")
+    return int(seed) if seed.lstrip("-").isdigit() else -1
+
+
+def _all_pages(search, *args) -> list:
+    """Every result of an MlflowClient search_* call, page after page."""
+    found, token = [], None
+    while True:
+        page = _retry(search, *args, page_token=token)
+        found += page
+        token = page.token
+        if not token:
+            return found
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, str]:
@@ -296,3 +388,16 @@ def _run_exists(store, run_id: str) -> bool:
             return False
         raise
     return run.info.lifecycle_stage != "deleted"
+
+
+def attach_files(run_dir: Path, files: list[Path], artifact_path: str) -> None:
+    """Log files (a table and its chart) as artifacts under `artifact_path` of the MLflow run of a
+    run folder; nothing when tracking is off or the folder has no MLflow run."""
+    id_file = Path(run_dir) / RUN_ID_FILE
+    if not enabled() or not id_file.exists():
+        return
+    store = client()
+    run_id = id_file.read_text().strip()
+    if _run_exists(store, run_id):
+        for path in files:
+            _retry(store.log_artifact, run_id, str(path), artifact_path)

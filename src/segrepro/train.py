@@ -1,9 +1,10 @@
 """The one trainer every paper's experiments go through.
 
 SGD with momentum (or AdamW, HFGD's advanced setting), poly learning-rate decay, iteration-based;
-bf16 autocast on CUDA. Everything random is a function of (seed, iteration), so a job killed after
-a checkpoint and started again resumes from it and ends with exactly the model an unbroken run
-gives (on the CPU).
+bf16 autocast on CUDA and the rest of the GPU fast path (`train.fast`). Everything random is a
+function of (seed, iteration), so a job killed after a checkpoint and started again resumes from
+it and ends with exactly the model an unbroken run gives (on the CPU). With `train.val_every`, the
+log also gets the mIoU of a few validation images every so often: the training curve.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import signal
 import sys
 import threading
@@ -21,15 +23,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from segrepro import atomic, distributed, tracking
-from segrepro.data import load_card, make_train_loader
+from segrepro import atomic, distributed, paths, tracking
+from segrepro.data import SegmentationDataset, load_card, make_train_loader
 from segrepro.data.dataset import crop_pair
 from segrepro.errors import SegreproError
+from segrepro.metrics import ConfusionMatrix
 from segrepro.models import build_model
 from segrepro.provenance import config_hash, git_commit, training_config
 
 CHECKPOINT = "checkpoint.pt"
-LOG = "train_log.jsonl"
+LOG = paths.TRAIN_LOG
+CURVE = "training_curve.png"
 # The exit code of a job stopped by SIGTERM/SIGUSR1 after writing its checkpoint: EX_TEMPFAIL
 # ("try again later"), nonzero so that Snakemake retries (--retries) and SLURM's requeue reruns it.
 PREEMPTED_EXIT = 75
@@ -124,6 +128,18 @@ def build_optimizer(model: torch.nn.Module, settings: dict) -> torch.optim.Optim
     raise SegreproError(f"train.optimizer {name!r} is not one of: sgd, adamw")
 
 
+def fast_path(model: torch.nn.Module, fast: dict, device: torch.device) -> torch.nn.Module:
+    """Apply the `train.fast` switches that act on the model and the process; returns the module
+    to call for the forward pass (compiled or not; its `.loss` stays reachable)."""
+    if fast.get("cudnn_benchmark", False) and device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # input sizes are fixed in training: tune once
+    if fast.get("channels_last", False):
+        model = model.to(memory_format=torch.channels_last)
+    if fast.get("compile", False):
+        model = torch.compile(model)
+    return model
+
+
 def _load_checkpoint(path: Path, expected_hash: str):
     if not path.exists():
         return None
@@ -167,6 +183,10 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
             f"multiple of the coarsest output stride {coarsest}"
         )
     optimizer = build_optimizer(model, settings)
+    fast = settings.get("fast", {})
+    pinned = bool(fast.get("pin_memory", False)) and dev.type == "cuda"
+    channels_last = bool(fast.get("channels_last", False))
+    precision = fast.get("precision", "bf16")
 
     start = 0
     state = _load_checkpoint(run_dir / CHECKPOINT, digest)
@@ -185,14 +205,15 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
     if ctx.main:
         _truncate_log(run_dir / LOG, start)
     # With several processes: SyncBN inside DDP; `model` stays the plain module (checkpoints).
-    forward = distributed.wrap(model, ctx)
+    forward = fast_path(distributed.wrap(model, ctx), fast, dev)
+    curve = _CurveValidation(config, card, dev) if settings.get("val_every", 0) and ctx.main else None
 
     loader = make_train_loader(
         config["dataset"]["root"], "train", batch_size=settings["batch_size"],
         crop_size=settings["crop_size"], scale_range=tuple(settings["scale_range"]),
         flip=settings["flip"], brightness=settings["brightness"], seed=config["seed"],
         start_iteration=start, iterations=iterations, num_workers=settings["num_workers"],
-        photometric=settings.get("photometric", False),
+        photometric=settings.get("photometric", False), pin_memory=pinned,
     )
     # torch's loader workers die of a SIGTERM their parent did not send, and SLURM signals every
     # process of the job: they must live on to serve the batches up to the checkpoint.
@@ -205,6 +226,8 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
         "dataset_sha256": str(card.get("content_sha256", "")),
         "backbone": config["model"]["backbone"]["name"], "git_commit": git_commit(),
         "config_hash": digest, "tables": ",".join(tables), "device": str(dev),
+        # One tag per table, so that the UI's search (tags.table_table6 = 'yes') lines up a table's runs.
+        **{tracking.table_tag(table): "yes" for table in tables},
     }
     began = time.time()
     with _stop_requests() as stop, distributed.main_only(tracking.Run(run_dir, config, tags), ctx) as mlrun:
@@ -217,7 +240,10 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
             for images, labels, _ids in _batches(loader):
                 lr = poly_lr(settings["lr"], iteration, iterations, settings["poly_power"])
                 torch.manual_seed(_iteration_seed(config["seed"], iteration, ctx.rank))
-                loss, parts = _step(forward, optimizer, images.to(dev), labels.to(dev), lr)
+                images = images.to(dev, non_blocking=pinned)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                loss, parts = train_step(forward, optimizer, images, labels.to(dev, non_blocking=pinned), lr, precision)
                 loss, parts = distributed.mean_over_ranks(loss, parts, ctx)  # the global batch's
                 if not math.isfinite(loss):
                     distributed.fail_together(
@@ -233,9 +259,12 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
                     window.clear()
                     progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
                     if ctx.main:
-                        with open(run_dir / LOG, "a") as log:
-                            log.write(json.dumps(record) + "\n")
+                        _append(run_dir / LOG, record)
                     mlrun.log_metrics({k: v for k, v in record.items() if k != "iteration"}, step=iteration)
+                if curve and (iteration % settings["val_every"] == 0 or iteration == iterations):
+                    record = {"iteration": iteration, "val_miou": curve.miou(model)}
+                    _append(run_dir / LOG, record)
+                    mlrun.log_metrics({"val_miou": record["val_miou"]}, step=iteration)
                 stop_now = distributed.agree_on_stop(stop, ctx)  # every rank stops at the same iteration
                 if (ctx.main and (iteration % settings["checkpoint_every"] == 0 or stop_now)
                         and iteration < iterations):
@@ -253,24 +282,66 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
                    "device": str(dev), "git_commit": git_commit(), "processes": ctx.world_size}
         if dev.type == "cuda":
             summary["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        # The process's peak resident memory (Linux: KiB), the CPU counterpart of the above.
+        summary["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         mlrun.log_metrics({"train_seconds": seconds})
         if ctx.main:
             _save({"model": model.state_dict(), "config": config, "config_hash": digest,
                    "num_classes": card["num_classes"], "ignore_index": card["ignore_index"],
                    "class_names": card["class_names"], "summary": summary}, output)
+            from segrepro.plots import plot_training_curve, read_log
+
+            plot_training_curve(read_log(run_dir / LOG), run_dir / CURVE, f"{config['paper']}/{config['experiment']}")
+            mlrun.log_artifact(run_dir / CURVE)
     # The final model supersedes the checkpoint; keeping both would double the disk use.
     if ctx.main:
         (run_dir / CHECKPOINT).unlink(missing_ok=True)
     return summary
 
 
-def _step(model, optimizer, images, labels, lr: float) -> tuple[float, dict[str, float]]:
-    """One optimizer step at learning rate `lr` (in every parameter group); bf16 autocast on CUDA
-    (the loss is taken in fp32)."""
+class _CurveValidation:
+    """The mIoU of the first `train.val_images` validation images, each predicted whole at its own
+    size in one pass (not the evaluator's protocol: training must not depend on the evaluation
+    code, see segrepro.codedeps), for the training curve. Eval mode, no gradients and no random
+    numbers drawn: the training, and so the model, is exactly what it is without it."""
+
+    def __init__(self, config: dict, card: dict, device: torch.device):
+        dataset = SegmentationDataset(config["dataset"]["root"], "val")
+        self.images = [dataset[i] for i in range(min(config["train"].get("val_images", len(dataset)), len(dataset)))]
+        self.card, self.device = card, device
+
+    def miou(self, model: torch.nn.Module) -> float:
+        matrix = ConfusionMatrix(self.card["num_classes"], self.card["ignore_index"])
+        model.eval()
+        try:
+            with torch.inference_mode():
+                for image, label, _id in self.images:
+                    logits = _whole_image_logits(model, torch.as_tensor(image).unsqueeze(0).to(self.device))
+                    matrix.update(logits[0].argmax(0), torch.as_tensor(label).to(self.device))
+        finally:
+            model.train()
+        return matrix.summary(self.card["class_names"])["miou"]
+
+
+def _whole_image_logits(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """Logits (1,K,H,W) of one image (1,3,H,W): zero-padded to a multiple of 32 (every model's
+    coarsest stride here; zero is the mean after normalisation), predicted, cropped back."""
+    height, width = image.shape[-2:]
+    padded = torch.nn.functional.pad(image, (0, -width % 32, 0, -height % 32))
+    logits = model.predict(padded)
+    if logits.shape[-2:] != padded.shape[-2:]:
+        logits = torch.nn.functional.interpolate(logits, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+    return logits[..., :height, :width]
+
+
+def train_step(model, optimizer, images, labels, lr: float, precision: str = "bf16") -> tuple[float, dict[str, float]]:
+    """One optimizer step at learning rate `lr` (in every parameter group). On CUDA the forward
+    pass runs under bf16 autocast unless `precision` is fp32; the loss is taken in fp32."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    net = getattr(model, "module", model)  # the model inside DDP: its loss
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+    net = getattr(model, "module", model)  # the model inside DDP (or torch.compile): its loss
+    on_cuda = images.device.type == "cuda"
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=on_cuda and precision == "bf16"):
         outputs = model(images)
     loss, parts = net.loss(outputs, labels)
     optimizer.zero_grad(set_to_none=True)
@@ -287,6 +358,11 @@ def _batches(loader):
     except SegreproError as err:
         last = str(err).strip().splitlines()[-1]
         raise SegreproError(last.removeprefix("segrepro.errors.SegreproError: ")) from None
+
+
+def _append(log: Path, record: dict) -> None:
+    with open(log, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
 
 
 def _truncate_log(path: Path, iteration: int) -> None:

@@ -5,6 +5,8 @@ import shlex
 from segrepro import paths, tracking
 from segrepro.codedeps import stage_sources
 from segrepro.config import load_params
+from segrepro.efficiency import efficiency_path
+from segrepro.efficiency import model_scale as efficiency_model_scale
 from segrepro.errors import SegreproError
 from segrepro.provenance import config_hash, training_config
 
@@ -143,11 +145,13 @@ def dataset_card(wildcards):
 
 def table_metrics(wildcards):
     """Every metrics file a table reads: its rows x the configured seeds (a test-server row reads
-    its submission zip instead)."""
+    its submission zip instead; an efficiency table reads no run: see table_efficiency)."""
     try:
         paper, spec = PARAMS.checked_table(wildcards.table, SCALE)
     except SegreproError as err:
         raise WorkflowError(str(err)) from None
+    if spec.get("kind") == "efficiency":
+        return []
     dataset = PARAMS.table_dataset(wildcards.table, SCALE, DATASET)
     return [
         (paths.submission_path if row.get("test_server") else paths.metrics_path)(
@@ -162,6 +166,42 @@ def table_flops(wildcards):
     if PARAMS.table(wildcards.table)[1].get("flops"):
         return {"flops": str(paths.flops_path(wildcards.table))}
     return {}
+
+
+def table_efficiency(wildcards):
+    """An efficiency table (SaF Tables 5, B) reads its rows' timings instead of trained runs."""
+    if PARAMS.table(wildcards.table)[1].get("kind") == "efficiency":
+        return {"efficiency": str(efficiency_path(wildcards.table))}
+    return {}
+
+
+def efficiency_models(wildcards):
+    """What an efficiency table's timings depend on: the settings, and each row's model as built at
+    the scale it times (configuration, comparison head, plain-ResNet stride)."""
+    paper, spec = PARAMS.table(wildcards.table)
+    scale = efficiency_model_scale(spec, SCALE)
+    rows = {
+        row["id"]: {"model": PARAMS.resolve(paper, row["experiment"], scale)["model"], "head": row.get("head"),
+                    "resnet_output_stride": row.get("resnet_output_stride")}
+        for row in spec["rows"]
+    }
+    return {"settings": spec["efficiency"], "model_scale": scale, "rows": rows}
+
+
+def machine_cores():
+    """The cores of a local run (--cores): an efficiency job takes them all, so that no other job
+    shares the machine while it is timed. 1 where none are given (a cluster's job gets its share
+    from `resources`)."""
+    try:
+        return workflow.cores
+    except WorkflowError:
+        return 1
+
+
+def efficiency_resource(key):
+    """`key` (gpus, cpus, mem_mb, runtime) of the scale's evaluation jobs: timing needs the device
+    the paper's protocol runs on (a GPU at the paper scale)."""
+    return PARAMS.scale(SCALE).get("resources", {}).get("eval", {}).get(key, JOB_RESOURCES[key])
 
 
 def table_models(wildcards):
@@ -201,3 +241,11 @@ def job_resource(stage, key):
         return amount
 
     return value
+
+
+def built_results(wildcards):
+    """The tables, figures and metrics files present now: the report's inputs."""
+    found = [paths.table_path(name) for name in [*PARAMS.table_names(), "pyramid_stats"]]
+    found += [paths.figure_path(name) for name in PARAMS.figure_names()]
+    files = [str(path) for path in found if path.exists()]
+    return files + sorted(str(path) for path in (paths.RESULTS / "metrics").glob("*/*/*/*/seed*/*.json"))

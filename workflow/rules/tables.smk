@@ -2,6 +2,7 @@ rule table:
     """A paper table (Markdown + CSV) from the metrics files of its rows and seeds."""
     input:
         unpack(table_flops),
+        unpack(table_efficiency),
         metrics=table_metrics,
         code=stage_sources("table"),
     output:
@@ -37,3 +38,28 @@ rule flops:
         "logs/flops/{table}.log",
     shell:
         "segrepro flops {wildcards.table} --out {output} > {log} 2>&1"
+
+
+rule efficiency:
+    """The cost of an efficiency table's models on this machine (SaF Tables 5, B): testing FPS,
+    training it/s and memory, each row in a process of its own; nothing is trained."""
+    input:
+        code=family_code("efficiency", paper_of=lambda wildcards: PARAMS.table(wildcards.table)[0]),
+    output:
+        "results/efficiency/{table}.json",
+    params:
+        models=efficiency_models,
+        scale=SCALE,
+    threads: machine_cores()
+    resources:
+        gpu=efficiency_resource("gpus"),
+        cpus_per_task=efficiency_resource("cpus"),
+        mem_mb=efficiency_resource("mem_mb"),
+        runtime=efficiency_resource("runtime"),
+    conda:
+        "../envs/segrepro.yaml"
+    log:
+        "logs/efficiency/{table}.log",
+    shell:
+        "segrepro efficiency {wildcards.table} --scale {params.scale} --threads {threads}"
+        " --out {output} > {log} 2>&1"

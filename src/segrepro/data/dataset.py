@@ -184,26 +184,33 @@ class TrainAugment:
             label = np.asarray(Image.fromarray(label).resize((new_w, new_h), Image.NEAREST))
         if self.flip and do_flip:
             image, label = image[:, ::-1], label[:, ::-1]
+
+        # The crop, in the scaled image's coordinates: the image is padded evenly on both sides
+        # to at least the crop size, and the crop taken at the drawn offset of the padded image.
+        top, left = pad_h // 2, pad_w // 2
+        rows = slice(max(0, y0 - top), min(new_h, y0 - top + self.crop_h))
+        cols = slice(max(0, x0 - left), min(new_w, x0 - left + self.crop_w))
+        if not self.photometric:
+            # Brightness is per pixel: cropping first gives the same values for a fraction of the
+            # work (the contrast needs the whole image's mean, so it crops after).
+            image = image[rows, cols]
         image = image.astype(np.float32)
         if self.photometric:
             if do_contrast:
                 image = adjust_contrast(image, contrast)
             if do_saturation:
                 image = adjust_saturation(image, saturation)
+            image = image[rows, cols]
         if self.brightness > 0:
             image = np.clip(image * gain, 0.0, 255.0)
 
-        # Pad evenly on both sides to at least the crop, then crop at the drawn offset.
-        if pad_h or pad_w:
-            padded = np.empty((new_h + pad_h, new_w + pad_w, 3), np.float32)
-            padded[:] = IMAGENET_MEAN
-            padded_label = np.full((new_h + pad_h, new_w + pad_w), self.ignore_index, np.uint8)
-            top, left = pad_h // 2, pad_w // 2
-            padded[top:top + new_h, left:left + new_w] = image
-            padded_label[top:top + new_h, left:left + new_w] = label
-            image, label = padded, padded_label
-        image = image[y0:y0 + self.crop_h, x0:x0 + self.crop_w]
-        label = label[y0:y0 + self.crop_h, x0:x0 + self.crop_w]
+        crop = np.empty((self.crop_h, self.crop_w, 3), np.float32)
+        crop[:] = IMAGENET_MEAN
+        crop_label = np.full((self.crop_h, self.crop_w), self.ignore_index, np.uint8)
+        y, x = rows.start - (y0 - top), cols.start - (x0 - left)
+        crop[y:y + image.shape[0], x:x + image.shape[1]] = image
+        crop_label[y:y + image.shape[0], x:x + image.shape[1]] = label[rows, cols]
+        image, label = crop, crop_label
         return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
 
@@ -392,7 +399,7 @@ class IterationBatchSampler:
 
 def make_train_loader(root, split: str, batch_size: int, crop_size, scale_range, flip: bool,
                       brightness: float, seed: int, start_iteration: int, iterations: int,
-                      num_workers: int = 0, photometric: bool = False) -> DataLoader:
+                      num_workers: int = 0, photometric: bool = False, pin_memory: bool = False) -> DataLoader:
     """DataLoader over augmented batches for iterations start_iteration .. iterations - 1."""
     dataset = SegmentationDataset(root, split)
     dataset.transform = TrainAugment(crop_size, scale_range, flip, brightness, dataset.ignore_index,
@@ -403,4 +410,4 @@ def make_train_loader(root, split: str, batch_size: int, crop_size, scale_range,
     sampler = IterationBatchSampler(len(dataset), batch_size, seed, start_iteration,
                                     iterations=iterations)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, pin_memory=pin_memory)
