@@ -52,9 +52,9 @@ RECORD_KEYS = ("device", "device_name", "threads", "torch", "num_classes", "batc
 # What the probe records of each row's timing besides the metrics (wall and CPU seconds).
 TIMING_KEYS = ("test_seconds", "train_seconds", "test_cpu_seconds", "train_cpu_seconds")
 ROW_ID = re.compile(r"^[A-Za-z0-9_]+$")
-# Two timings closer than this (relative) are not told apart: repeated measurements of one row on a
-# shared CPU differ by a few per cent.
-NOISE = 0.05
+# Two figures closer than this (relative) are not told apart: two runs of Table B on an otherwise
+# idle 2-core CPU gave timings 3-17 % apart (peak memory: within 2 %).
+NOISE = 0.10
 # A row whose threads ran less than this share of the timed wall time shared the cores with other
 # processes: its timings are slower than on an idle machine.
 BUSY_SHARE = 0.9
@@ -340,9 +340,10 @@ def header_lines(name: str, spec: dict, record: dict) -> list[str]:
         before = [row.get("rss_before_model_gb") for row in record["rows"].values()]
         if not all(isinstance(value, (int, float)) for value in before):
             raise SegreproError(f"table {name!r}: a CPU measurement lacks rss_before_model_gb")
+        low, high = f"{min(before):.2f}", f"{max(before):.2f}"
+        held = low if low == high else f"{low}–{high}"
         memory = ("the peak resident set size of a fresh process per row, less what the process held before"
-                  f" the model was built ({min(before):.2f}–{max(before):.2f} G: the interpreter and the libraries;"
-                  " the whole peak is in the CSV)")
+                  f" the model was built ({held} G: the interpreter and the libraries; the whole peak is in the CSV)")
         precision = "fp32"
     threads = f"{record['threads']} torch thread" + ("s" if record["threads"] != 1 else "")
     device = "GPU" if cuda else f"CPU, {threads}"
