@@ -52,8 +52,9 @@ RECORD_KEYS = ("device", "device_name", "threads", "torch", "num_classes", "batc
 # What the probe records of each row's timing besides the metrics (wall and CPU seconds).
 TIMING_KEYS = ("test_seconds", "train_seconds", "test_cpu_seconds", "train_cpu_seconds")
 ROW_ID = re.compile(r"^[A-Za-z0-9_]+$")
-# Two figures closer than this (relative) are not told apart: two runs of Table B on an otherwise
-# idle 2-core CPU gave timings 3-17 % apart (peak memory: within 2 %).
+# Two figures closer than this (relative) are not told apart: on the 2-core test CPU, runs of both
+# tables with the cores to themselves gave timings up to 24 % apart (most within 15 %), peak memory
+# within 2 %.
 NOISE = 0.10
 # A row whose threads ran less than this share of the timed wall time shared the cores with other
 # processes: its timings are slower than on an idle machine.
