@@ -20,7 +20,6 @@ import functools
 import json
 import multiprocessing
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from segrepro import atomic
 from segrepro.config import deep_merge, load_params
 from segrepro.errors import SegreproError
 from segrepro.models import build_model
+from segrepro.provenance import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results" / "benchmarks"
@@ -61,15 +61,7 @@ def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model and the threads torch uses (what the figures depend on)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    return f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def synchronize(device: torch.device) -> None:

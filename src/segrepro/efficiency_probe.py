@@ -26,6 +26,7 @@ import torch
 from segrepro.errors import SegreproError
 from segrepro.models import build_model
 from segrepro.models.context_heads import build_comparison_model
+from segrepro.provenance import cpu_model
 from segrepro.train import build_optimizer, train_step
 
 GB = 2**30  # the paper's "G" of memory: binary, as memory tools count it
@@ -48,12 +49,7 @@ def peak_rss_gb() -> float:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as handle:
-            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
-    except OSError:
-        names = []
-    return names[0] if names else "CPU"
+    return cpu_model()
 
 
 def _seconds(run, repeats: int, device: torch.device) -> tuple[float, float]:

@@ -30,7 +30,7 @@ from segrepro import atomic, paths
 from segrepro.config import Params
 from segrepro.data.dataset import crop_pair
 from segrepro.errors import SegreproError
-from segrepro.provenance import config_hash, training_config
+from segrepro.provenance import config_hash, cpu_model, training_config
 
 CALIBRATION_DIR = paths.RESULTS / "calibration"
 WARMUP_STEPS = 2
@@ -271,14 +271,7 @@ def device_name(device) -> str:
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     threads = torch.get_num_threads()
     kind = "" if "cpu" in model.lower() else " CPU"
     return f"{model}{kind} ({threads} thread{'s' * (threads != 1)})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import subprocess
 from functools import cache
 
@@ -22,6 +23,18 @@ def git_commit(root: str = ".") -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "")
+
+
+@cache
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), what a CPU timing was measured on."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
 
 
 def config_hash(config: dict) -> str:

@@ -21,7 +21,7 @@ import yaml
 
 from segrepro import claims, paths, tracking
 from segrepro.atomic import write_text
-from segrepro.provenance import git_commit
+from segrepro.provenance import cpu_model, git_commit
 from segrepro.tables import chart_path
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where `segrepro mlflow-server` serves the UI by default
@@ -42,7 +42,7 @@ def environment() -> dict[str, str]:
     import torch
 
     env = {"python": platform.python_version(), "platform": platform.platform(),
-           "cpu": _cpu_model(), "cpu cores": str(os.cpu_count())}
+           "cpu": cpu_model(), "cpu cores": str(os.cpu_count())}
     env["gpus"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"
     for package in PACKAGES:
         try:
@@ -55,16 +55,6 @@ def environment() -> dict[str, str]:
         fingerprint = (yaml.safe_load(card.read_text()) or {}).get("content_sha256", "?")
         env[f"dataset {card.parent.name}"] = f"content sha256 {str(fingerprint)[:16]}…"
     return env
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _dvc_version(path: Path) -> str:
