@@ -67,6 +67,32 @@ def test_cae_starts_with_the_wide_linear_layers():
     assert not any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.ReLU)) for m in stem)
 
 
+def test_cae_default_wide_and_reduction_layers_are_one_linear_map():
+    """Sec. 3.2 as written (two "linear" 1x1 layers, the authors' word for a conv without norm
+    or activation): they compose into one 1x1 conv, W = W2 W1, b = W2 b1 + b2."""
+    wide, reduce = tiny_encoder("cae").stem
+    weight = reduce.weight.flatten(1) @ wide.weight.flatten(1)
+    bias = reduce.weight.flatten(1) @ wide.bias + reduce.bias
+    x = torch.randn(2, IN_CHANNELS, 3, 4)
+    with torch.no_grad():
+        composed = torch.nn.functional.conv2d(x, weight[:, :, None, None], bias)
+        torch.testing.assert_close(reduce(wide(x)), composed)
+
+
+def test_cae_wide_bn_relu_puts_a_nonlinearity_after_the_wide_layer():
+    stem = tiny_encoder("cae", wide_bn_relu=True).stem
+    wide, reduce = stem
+    assert [type(m) for m in wide] == [torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU]
+    assert (wide[0].out_channels, wide[0].kernel_size, wide[0].bias) == (16, (1, 1), None)
+    assert (reduce.in_channels, reduce.out_channels, reduce.kernel_size) == (16, 8, (1, 1))
+    # the composition is no longer linear: f(-x) != -f(x) + 2 f(0)
+    stem.eval()
+    x = torch.randn(1, IN_CHANNELS, 2, 2)
+    zero = torch.zeros_like(x)
+    with torch.no_grad():
+        assert not torch.allclose(stem(-x), -stem(x) + 2 * stem(zero))
+
+
 def test_unknown_type_and_ocr_without_classes_are_refused():
     with pytest.raises(SegreproError, match="'nonlocal'"):
         build_encoder({"type": "nonlocal"}, IN_CHANNELS, CHANNELS, 32)

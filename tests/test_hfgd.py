@@ -160,3 +160,23 @@ def test_every_experiment_trains_a_step_and_evaluates(params):
         matrix = inference.evaluate(model.eval().predict, dataset, {"scales": [0.75, 1.25], "flip": True}, "cpu",
                                     NUM_CLASSES, crop_size=48, progress=False)
         assert matrix.matrix.sum() == 40 * 56 + 50 * 38, experiment
+
+
+def table9_rows():
+    paper, spec = load_params(ROOT).table("hfgd_table9")
+    rows = [row for row in spec["rows"] if "gmacs" in row.get("paper", {})]
+    # OS=2: no layout consistent with Sec. 3.3 reaches the paper's count (see the row's flops_note)
+    return [pytest.param(row, marks=pytest.mark.xfail(strict=True, reason="OS=2 layout not resolved"))
+            if row["experiment"] == "usfpn_cae_hfgm_os2" else row for row in rows]
+
+
+@pytest.mark.parametrize("row", table9_rows(), ids=lambda row: row["experiment"])
+def test_table9_counts_are_within_3_percent_of_the_papers(params, row):
+    """Table 9 as the table counts it (paper-scale models on the meta device): 513x513, 59
+    classes, unless the row says how the paper counted that model."""
+    from segrepro.flops import count_macs
+
+    settings = dict(params.table("hfgd_table9")[1]["flops"], **row.get("flops", {}))
+    model = params.resolve("hfgd", row["experiment"], "paper")["model"]
+    ours = count_macs(model, settings["num_classes"], settings["input_size"])["gmacs"]
+    assert ours == pytest.approx(row["paper"]["gmacs"], rel=0.03)

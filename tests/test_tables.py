@@ -291,6 +291,15 @@ def test_counts_far_from_the_paper_say_why():
     assert "513² RGB image" in section and "'paper' scale" in section
 
 
+def test_a_row_counted_as_the_paper_counted_it_says_how():
+    counts = dict(COUNTS, other=dict(COUNTS["other"], input_size=512, num_classes=150))
+    text, _ = build_table("t9", FLOPS_SPEC, flops_results(), HEADER, counts)
+    section = text.split("GMACs: multiply-adds")[1].split("## Claims")[0]
+    lines = [line for line in section.splitlines() if line.startswith("- ")]
+    assert lines[2].startswith("- Other: 25.00 = backbone 20.00 + rest 5.00 (counted on a 512² image, 150 classes);")
+    assert "counted on" not in lines[0]
+
+
 def test_a_computation_table_needs_its_counts():
     with pytest.raises(SegreproError, match="no counts"):
         build_table("t9", FLOPS_SPEC, flops_results(), HEADER)

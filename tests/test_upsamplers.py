@@ -57,6 +57,37 @@ def test_usfpn_at_output_stride_2_doubles_the_side(image):
     assert model(skips, top).shape == (2, CHANNELS, 2 * h4, 2 * w4)
 
 
+def test_usfpn_os2_extra_block_convolves_at_stride_4_then_upsamples():
+    """Sec. 3.3 "one more conv-upsample block for every branch": each branch's last 3x3 runs at
+    stride 4 and is then upsampled to stride 2; the 1x1 fuse runs at stride 2."""
+    skips, top = make_inputs(RESNET_SKIPS, 32, 51, 67)
+    model = build("usfpn", RESNET_SKIPS, output_stride=2)
+    h4, w4 = skips[4].shape[-2:]
+    seen = {}
+    for level, branch in enumerate(model.branches):
+        branch.convs[-1].register_forward_hook(lambda m, i, o, level=level: seen.__setitem__(level, tuple(i[0].shape[-2:])))
+    fuse_input = []
+    model.fuse.register_forward_hook(lambda m, i, o: fuse_input.append(tuple(i[0].shape[-2:])))
+    model(skips, top)
+    assert seen == {level: (h4, w4) for level in range(4)}
+    assert [len(branch.convs) for branch in model.branches] == [2, 2, 3, 4]
+    assert fuse_input == [(2 * h4, 2 * w4)]
+
+
+def test_mmseg_semantic_fpn_layout():
+    """mmsegmentation's FPN neck + FPNHead: plain 1x1 laterals with bias, a 3x3 output conv per
+    level, max(1, i) ConvBnReLU per level at head width, output at stride 4, head_channels wide."""
+    skips, top = make_inputs(RESNET_SKIPS, 32, 51, 67)
+    model = build("sfpn_mmseg", RESNET_SKIPS, head_channels=4)
+    assert [(m.in_channels, m.kernel_size, m.bias is not None) for m in model.laterals] == [
+        (6, (1, 1), True), (10, (1, 1), True), (12, (1, 1), True)]
+    assert [m.kernel_size for m in model.outputs] == [(3, 3)] * 4
+    assert [len(convs) for convs in model.branches] == [1, 1, 2, 3]
+    assert [convs[0][0].in_channels for convs in model.branches] == [CHANNELS] * 4
+    assert model.out_channels == 4
+    assert model(skips, top).shape == (2, 4, *skips[4].shape[-2:])
+
+
 def test_deeplabv3p_uses_only_the_stride_4_skip():
     skips, top = make_inputs(RESNET_SKIPS, 32, 64, 64)
     model = build("deeplabv3p", RESNET_SKIPS)

@@ -50,9 +50,15 @@ def write_flops(params, table: str, out: Path) -> dict:
     scale = settings.get("scale", "paper")
     counts = {}
     for row in spec["rows"]:
-        if row["experiment"] not in counts:
-            model = params.resolve(paper, row["experiment"], scale)["model"]
-            counts[row["experiment"]] = count_macs(model, settings["num_classes"], settings["input_size"])
+        # A row may be counted on another image or class count (the paper's own count of that model).
+        size = row.get("flops", {}).get("input_size", settings["input_size"])
+        classes = row.get("flops", {}).get("num_classes", settings["num_classes"])
+        if row["experiment"] in counts:
+            if (counts[row["experiment"]]["input_size"], counts[row["experiment"]]["num_classes"]) != (size, classes):
+                raise SegreproError(f"table '{table}': experiment {row['experiment']} is counted in two ways")
+            continue
+        model = params.resolve(paper, row["experiment"], scale)["model"]
+        counts[row["experiment"]] = dict(count_macs(model, classes, size), input_size=size, num_classes=classes)
     record = {"table": table, "scale": scale, "input_size": settings["input_size"],
               "num_classes": settings["num_classes"], "counter": COUNTER, "models": counts}
     atomic.write_text(out, json.dumps(record, indent=2) + "\n")

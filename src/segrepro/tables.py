@@ -372,6 +372,9 @@ def _flops_lines(spec: dict, counts: dict, paper: dict, order: list[str]) -> lis
         ours = count["gmacs"]
         line = (f"- {row['label']}: {_fmt(ours)} = backbone {_fmt(count['backbone_gmacs'])}"
                 f" + rest {_fmt(ours - count['backbone_gmacs'])}")
+        size, classes = count.get("input_size", settings["input_size"]), count.get("num_classes", settings["num_classes"])
+        if (size, classes) != (settings["input_size"], settings["num_classes"]):
+            line += f" (counted on a {size}² image, {classes} classes)"
         if theirs is not None:
             line += f"; the paper's {_fmt(theirs)} ({_fmt_delta(100 * (ours - theirs) / theirs)} %)"
             if abs(ours - theirs) > FLOPS_TOLERANCE * theirs:

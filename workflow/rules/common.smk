@@ -209,7 +209,8 @@ def table_models(wildcards):
     paper, spec = PARAMS.table(wildcards.table)
     scale = spec["flops"].get("scale", "paper")
     return {row["experiment"]: PARAMS.resolve(paper, row["experiment"], scale)["model"] for row in spec["rows"]} | {
-        "flops": spec["flops"]
+        "flops": spec["flops"],
+        "row_flops": {row["experiment"]: row["flops"] for row in spec["rows"] if "flops" in row},
     }
 
 

@@ -210,10 +210,23 @@ class CAREncoder(nn.Module):
         return self.end(x), {"car_features": car_features}
 
 
+def cae_stem(in_channels: int, wide: int, hidden: int, wide_bn_relu: bool = False) -> nn.Sequential:
+    """The CAE's first two layers (Sec. 3.2): "a wider linear layer (i.e. 1x1 conv with 2048
+    channels)", then "a linear layer to reduce the features to 512-D"; it replaces CAR's 3x3
+    ConvBnReLU. The HFGD code is not public; in the authors' CAR code a "linear" conv is one
+    without norm and activation (CAR `car_core/car.py`, linear_conv: "w/o norm&activation ... can
+    be merged to the next one"), so both are bare 1x1 convs with bias, and together they are one
+    linear map of rank <= hidden. `wide_bn_relu` puts BN + ReLU after the wide layer (the wide
+    conv then without bias), the reading in which its width adds capacity."""
+    if wide_bn_relu:
+        return nn.Sequential(conv_bn_relu(in_channels, wide, 1), nn.Conv2d(wide, hidden, 1))
+    return nn.Sequential(nn.Conv2d(in_channels, wide, 1), nn.Conv2d(wide, hidden, 1))
+
+
 def build_encoder(config: dict, in_channels: int, channels: int, output_stride: int) -> nn.Module:
     """The extra encoding `config["type"]` on F (in_channels, at `output_stride`), producing
     `channels`. Optional keys: hidden (512), key_channels (64, the self-attention's query/key
-    width; OCR's attention is `channels` wide), wide (2048, CAE), rates ([3, 6, 9] at OS 32, times 32 // output_stride),
+    width; OCR's attention is `channels` wide), wide (2048, CAE), wide_bn_relu (false, CAE), rates ([3, 6, 9] at OS 32, times 32 // output_stride),
     bins ([1, 2, 3, 6], PPM), num_classes (OCR's soft object regions; required for 'ocr')."""
     kind = config.get("type")
     hidden = int(config.get("hidden", 512))
@@ -248,10 +261,8 @@ def build_encoder(config: dict, in_channels: int, channels: int, output_stride: 
     if kind == "sa_car":
         return CAREncoder(conv_bn_relu(in_channels, hidden, 3), hidden, key_channels, channels)
     if kind == "cae":
-        # Sec. 3.2: the wide linear 1x1 replaces the usual 3x3 (OS 32 pixels already see enough)
-        wide = int(config.get("wide", 2048))
-        stem = nn.Sequential(nn.Conv2d(in_channels, wide, 1), nn.Conv2d(wide, hidden, 1))
-        return CAREncoder(stem, hidden, key_channels, channels)
+        return CAREncoder(cae_stem(in_channels, int(config.get("wide", 2048)), hidden,
+                                   bool(config.get("wide_bn_relu", False))), hidden, key_channels, channels)
     if kind == "ppm":
         return PlainEncoder(PyramidPoolingModule(in_channels, hidden, channels, config.get("bins", [1, 2, 3, 6])))
     raise SegreproError(f"unknown encoder type '{kind}' (known: {', '.join(ENCODER_TYPES)})")

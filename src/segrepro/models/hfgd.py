@@ -2,7 +2,7 @@
 
 One network covers every row of the paper's tables (Fig. 2):
 
-    backbone (ResNet OS 32 or dilated OS 8 "D8", Swin, ConvNeXt; timm)
+    backbone (ResNet OS 32 or dilated OS 8 "D8" in the authors' iSeg layout, Swin, ConvNeXt; timm)
       -> extra encoding on the deepest feature (Table 1: identity, ASPP, OCR, SA, SA (CAR); Sec. 3.2: CAE)
       -> upsampler on the skip features (none = FCN; SFPN, U-SFPN, FaPN, UperNet, DeepLabV3+; Table 8)
       -> HFGM (Sec. 3.1): shared class tokens, stop-gradients, axial attention.
@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from segrepro.errors import SegreproError
-from segrepro.models.backbone import Backbone
+from segrepro.models.backbone import ISEG_MULTI_GRID, Backbone, ISegResNet
 from segrepro.models.car import car_losses
 from segrepro.models.encoders import AxialAttention, build_encoder
 from segrepro.models.layers import resize
@@ -34,9 +34,11 @@ STAGE_INDICES = {"resnet": (1, 2, 3, 4), "swin": (0, 1, 2, 3), "convnext": (0, 1
 
 class StageBackbone(nn.Module):
     """The four stages of a timm backbone, NCHW, with their strides: (4, 8, 16, 32), or
-    (4, 8, 8, 8) for a dilated ResNet. Swin and ConvNeXt get their input padded to a multiple of
-    32 (their patch embedding and 2x2 downsampling need whole patches); the caller crops the
-    prediction back."""
+    (4, 8, 8, 8) for a dilated ResNet. A ResNet is laid out as the authors' (`layout: iseg`,
+    segrepro.models.backbone.ISegResNet: strides on the last block of stages 1-3, stage-4
+    multi-grid) or as timm's (`layout: timm`). Swin and ConvNeXt get their input padded to a
+    multiple of 32 (their patch embedding and 2x2 downsampling need whole patches); the caller
+    crops the prediction back."""
 
     def __init__(self, config: dict):
         super().__init__()
@@ -49,7 +51,17 @@ class StageBackbone(nn.Module):
         kwargs = dict(config.get("kwargs") or {})
         if kind == "swin":
             kwargs.setdefault("strict_img_size", False)  # any input size, not the pretraining one
-        self.body = Backbone(config["name"], STAGE_INDICES[kind], output_stride, config.get("pretrained", False), kwargs)
+        layout = config.get("layout") or "timm"
+        if layout not in ("timm", "iseg"):
+            raise SegreproError(f"unknown HFGD backbone layout '{layout}' (known: timm, iseg)")
+        if layout == "iseg" and kind != "resnet":
+            raise SegreproError(f"the iseg layout is a ResNet's; set model.backbone.layout to null for {kind}")
+        if layout == "iseg":
+            # The authors' ResNet (iSeg): strides on the last block of stages 1-3, multi-grid on stage 4.
+            self.body = ISegResNet(config["name"], STAGE_INDICES[kind], output_stride, config.get("pretrained", False),
+                                   kwargs, config.get("multi_grid", ISEG_MULTI_GRID))
+        else:
+            self.body = Backbone(config["name"], STAGE_INDICES[kind], output_stride, config.get("pretrained", False), kwargs)
         self.pad_to = 1 if kind == "resnet" else 32  # patchify stems and 2x2 downsampling
         self.channels = self.body.channels
         self.strides = self.body.reductions
@@ -97,12 +109,15 @@ class HFGD(nn.Module):
             skips = {s: c for s, c in zip(self.backbone.strides[:-1], self.backbone.channels[:-1]) if s < deepest_stride}
             self.skip_strides = sorted(skips)
             self.upsampler = build_upsampler(upsampler, skips, channels, channels)
+            width = getattr(self.upsampler, "out_channels", channels)  # sfpn_mmseg's head is narrower
             self.guidance = bool(hfgm.get("guidance", False))
             self.stop_gradient = self.guidance and bool(hfgm.get("stop_gradient", True))
             if hfgm.get("axial_attention", False):
-                self.axial_attention = AxialAttention(channels, heads=hfgm.get("heads", 4))
+                self.axial_attention = AxialAttention(width, heads=hfgm.get("heads", 4))
+            if self.guidance and width != channels:
+                raise SegreproError(f"HFGM guidance needs the upsampler's output ({width}) as wide as the class tokens ({channels})")
             # Without guidance the upsampler has a classifier of its own (a plain SemanticFPN).
-            self.upsampler_classifier = None if self.guidance else nn.Conv2d(channels, num_classes, 1)
+            self.upsampler_classifier = None if self.guidance else nn.Conv2d(width, num_classes, 1)
         elif hfgm.get("guidance") or hfgm.get("axial_attention"):
             raise SegreproError("HFGM needs an upsampler: set model.upsampler.type")
 

@@ -9,6 +9,7 @@ classifies with the shared class tokens. The five types are the rows of Table 8 
   fapn        FaPN as written in iSeg (notes §5): feature selection + DCNv2 feature alignment
   uper        UperNet's FPN part (notes §5); its PPM is an encoder (segrepro.models.encoders)
   deeplabv3p  DeepLabV3+ decoder (notes §5); its ASPP is an encoder
+  sfpn_mmseg  the standard SemanticFPN in mmsegmentation's layout (Table 9's count; not trained by the paper)
 
 Sizes always come from the feature maps themselves (resize with `size=`), so odd image sizes work;
 every feature resize is bilinear with align_corners=True, the authors' convention (notes §6).
@@ -24,7 +25,7 @@ from torchvision.ops import deform_conv2d
 from segrepro.errors import SegreproError
 from segrepro.models.layers import conv_bn_relu, resize
 
-UPSAMPLER_TYPES = ("sfpn", "usfpn", "fapn", "uper", "deeplabv3p")
+UPSAMPLER_TYPES = ("sfpn", "usfpn", "fapn", "uper", "deeplabv3p", "sfpn_mmseg")
 
 
 def pyramid_strides(skip_channels: dict[int, int]) -> list[int]:
@@ -117,6 +118,50 @@ class SemanticFPN(nn.Module):
             targets = [sizes[j] for j in range(level - 1, -1, -1)] if level > 0 else [None]
             out = out + branch(x, targets + final)
         return self.fuse(out)
+
+
+class MMSegSemanticFPN(nn.Module):
+    """A standard SemanticFPN as mmsegmentation lays it out (its FPN neck and FPNHead; Kirillov
+    et al., "Panoptic Feature Pyramid Networks", Sec. 3): the model HFGD's Table 9 appears to
+    count for "SemanticFPN" (its 45.65 GMACs), not the 256-wide iSeg-style SFPN its tables train.
+
+    Neck: 1x1 lateral convs with bias and no norm/activation to `channels` (256), nearest
+    top-down upsampling + add, a 3x3 output conv (bias, no norm) on every level. Head, `head_channels`
+    (128) wide: per level at stride 4 * 2^i, max(1, i) 3x3 ConvBnReLU (the first from `channels`),
+    each followed by a 2x bilinear upsampling (align_corners=False) when i > 0; the levels summed.
+    The output is `head_channels` wide; mmseg's dropout of 0.1 before its classifier is left out.
+    The top (the encoder output, `channels` wide with encoder 'none', which is mmseg's top 1x1
+    lateral plus BN + ReLU) takes no further lateral."""
+
+    def __init__(self, skip_channels: dict[int, int], top_channels: int, channels: int, head_channels: int):
+        super().__init__()
+        self.strides = pyramid_strides(skip_channels)
+        self.output_stride = 4
+        self.out_channels = head_channels
+        self.laterals = nn.ModuleList(nn.Conv2d(skip_channels[s], channels, 1) for s in self.strides)
+        self.top = nn.Identity() if top_channels == channels else nn.Conv2d(top_channels, channels, 1)
+        self.outputs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(len(self.strides) + 1))
+        self.branches = nn.ModuleList(
+            nn.ModuleList(
+                conv_bn_relu(channels if k == 0 else head_channels, head_channels, 3) for k in range(max(1, level))
+            )
+            for level in range(len(self.strides) + 1)
+        )
+
+    def forward(self, skips: dict[int, torch.Tensor], top: torch.Tensor) -> torch.Tensor:
+        levels = [lateral(skips[s]) for s, lateral in zip(self.strides, self.laterals)] + [self.top(top)]
+        for i in range(len(levels) - 2, -1, -1):
+            levels[i] = levels[i] + F.interpolate(levels[i + 1], size=levels[i].shape[-2:], mode="nearest")
+        out = None
+        for level, (x, convs) in enumerate(zip(levels, self.branches)):
+            x = self.outputs[level](x)
+            for conv in convs:
+                x = conv(x)
+                if level > 0:
+                    x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            # mmseg's FPNHead resizes each coarser result to the stride-4 level's size, then sums
+            out = x if out is None else out + F.interpolate(x, size=out.shape[-2:], mode="bilinear", align_corners=False)
+        return out
 
 
 class FeatureSelection(nn.Module):
@@ -237,7 +282,9 @@ class DeepLabV3PlusDecoder(nn.Module):
 def build_upsampler(config: dict, skip_channels: dict[int, int], top_channels: int, channels: int) -> nn.Module:
     """The upsampler `config["type"]` names (sfpn | usfpn | fapn | uper | deeplabv3p).
 
-    Keys: output_stride 4 (default) or 2 (usfpn only), low_level_channels 48 (deeplabv3p).
+    Keys: output_stride 4 (default) or 2 (usfpn only), low_level_channels 48 (deeplabv3p),
+    head_channels (sfpn_mmseg: its head's width, half of `channels` by default as mmseg's 128 of 256;
+    that upsampler's `out_channels`).
     The module's forward(skips, top) returns (N, channels, H4, W4), H4 x W4 the stride-4 skip's
     size, doubled at output stride 2; its attribute `output_stride` says which.
     """
@@ -252,6 +299,8 @@ def build_upsampler(config: dict, skip_channels: dict[int, int], top_channels: i
     if kind in ("sfpn", "usfpn"):
         lateral_kernel = 1 if kind == "sfpn" else 3
         return SemanticFPN(skip_channels, top_channels, channels, lateral_kernel, output_stride)
+    if kind == "sfpn_mmseg":
+        return MMSegSemanticFPN(skip_channels, top_channels, channels, int(config.get("head_channels", channels // 2)))
     if kind == "fapn":
         return FaPN(skip_channels, top_channels, channels)
     if kind == "uper":
