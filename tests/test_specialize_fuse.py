@@ -153,3 +153,159 @@ def test_finest_level_per_pixel_variant_supervises_mix_cells(params):
         losses[target] = parts["semantic"].item()
     assert losses["cells"] == 0.0  # no valid cell at any level
     assert losses["pixels"] > 0.0
+
+
+# ----------------------------------------------------------------------------- the finest level's target
+
+def test_finest_level_is_supervised_per_pixel_by_default(params):
+    """Sec. 3.2: the finest cells are unity cells, so by default the finest level is trained per
+    pixel (HRNet-OCR's CE on upsampled logits), ignoring only done-by-coarser pixels.
+
+    Left half: one class (unity at every level; with the unity head forced to p = 1 the stride-32
+    cells are true positives, so everything below them is done by coarser). Right half: 1-pixel
+    stripes, a mix cell at every level. The semantic term is then (1/4) x (level 1 on the two left
+    cells + per-pixel CE of the finest logits on the right half); levels 2-3 have no valid cell."""
+    model = tiny_model(params, "F").train()
+    assert model.finest_target == "pixels"
+    with torch.no_grad():
+        model.unity.classify.weight.zero_()
+        model.unity.classify.bias.fill_(100.0)  # every cell predicted unity: p = 1 >= train_tau
+    labels = torch.zeros(1, 64, 64, dtype=torch.long)
+    labels[:, :, 32:] = 1
+    labels[:, :, 33::2] = 2
+    outputs = model(torch.randn(1, 3, 64, 64))
+    _, parts = model.loss(outputs, labels)
+
+    semantic = outputs["semantic"]
+    level1 = torch.nn.functional.cross_entropy(semantic[0][:, :, :, 0], torch.zeros(1, 2, dtype=torch.long))
+    finest = torch.nn.functional.interpolate(semantic[-1], size=(64, 64), mode="bilinear", align_corners=False)
+    right = torch.nn.functional.cross_entropy(finest[..., 32:], labels[..., 32:])
+    assert torch.allclose(parts["semantic"], (level1 + right) / 4, atol=1e-5)
+
+    # The `cells` switch applies the cell rule at the finest level too: the right half's mixed
+    # stride-4 cells get no target at any level.
+    model.finest_target = "cells"
+    _, parts = model.loss(outputs, labels)
+    assert torch.allclose(parts["semantic"], level1 / 4, atol=1e-5)
+
+
+def test_saf_open_defaults_flip_one_default_each(params):
+    """Every paper-silent default with a switch has its row, which changes that key alone."""
+    head = params.resolve("saf", "I", "demo")["model"]["head"]
+    assert (head["finest_target"], head["unity_head"]) == ("pixels", "paper")
+    rows = params.paper("saf")["tables"]["saf_open_defaults"]["rows"]
+    flipped = {}
+    for row in rows:
+        if row["experiment"] in ("F", "I"):
+            continue
+        base = "F" if row["experiment"].startswith("F_") else "I"
+        mine = params.resolve("saf", row["experiment"], "demo")["model"]["head"]
+        theirs = params.resolve("saf", base, "demo")["model"]["head"]
+        changed = {key for key in mine if mine[key] != theirs[key]}
+        assert len(changed) == 1, (row["experiment"], changed)
+        flipped[changed.pop()] = mine
+    assert {"train_tau", "finest_target", "unity_head"} <= set(flipped)
+    assert flipped["finest_target"]["finest_target"] == "cells"
+    assert flipped["unity_head"]["unity_head"] == "abs"
+
+
+# ----------------------------------------------------------------------------- J's auxiliary weights
+
+def test_j_weights_each_auxiliary_level_by_0_4(params):
+    """App. C: J's coarser levels are auxiliary losses of weight 0.4, each (HRNet-OCR's
+    BALANCE_WEIGHTS [0.4, 1]), not 0.4 x their mean. Quadrant labels make every cell a unity
+    cell, so each level's target is the quadrant class at that level's resolution."""
+    model = tiny_model(params, "J")
+    assert model.output == "aux" and model.aux_weight == 0.4
+    quadrants = torch.tensor([[0, 1], [2, 3]])
+    labels = quadrants.repeat_interleave(32, 0).repeat_interleave(32, 1)[None]
+    g = torch.Generator().manual_seed(0)
+    semantic = [torch.randn(1, NUM_CLASSES, 64 // s, 64 // s, generator=g) for s in (32, 16, 8, 4)]
+    total, parts = model.loss({"semantic": semantic}, labels)
+
+    def level_ce(logits):
+        cells = 64 // logits.shape[-1]
+        target = quadrants.repeat_interleave(32 // cells, 0).repeat_interleave(32 // cells, 1)[None]
+        return torch.nn.functional.cross_entropy(logits, target)
+
+    main = torch.nn.functional.cross_entropy(
+        torch.nn.functional.interpolate(semantic[-1], size=(64, 64), mode="bilinear", align_corners=False), labels)
+    aux = sum(level_ce(y) for y in semantic[:-1])
+    assert torch.allclose(parts["main"], main, atol=1e-5)
+    assert torch.allclose(parts["aux"], aux, atol=1e-5)
+    assert torch.allclose(total, main + 0.4 * aux, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the unity head
+
+def test_unity_head_default_is_sec_4_1_as_written(params):
+    """Plain 1x1 convolutions: X_u = Conv(X), centroid = shared Conv(AvgPool(X_u)), per-pixel
+    logit = shared Conv(Conv(X_u) - NearestUp(centroid)), sigmoid, min-pooling per cell."""
+    model = tiny_model(params, "I").eval()
+    head = model.unity
+    assert head.variant == "paper"
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.ReLU)) for m in head.modules())
+    x = torch.randn(2, model.features.out_channels, 16, 24)
+    factors = [8, 4, 2]
+    with torch.no_grad():
+        logits = head(x, factors)
+        embedding = head.reduce(x)
+        for factor, got in zip(factors, logits):
+            centroid = head.centroid(torch.nn.functional.avg_pool2d(embedding, factor))
+            centroid = centroid.repeat_interleave(factor, 2).repeat_interleave(factor, 3)
+            per_pixel = head.classify(head.pixel(embedding) - centroid)[:, 0]
+            cells = per_pixel.reshape(2, 16 // factor, factor, 24 // factor, factor).amin(dim=(2, 4))
+            assert got.shape == (2, 16 // factor, 24 // factor)
+            assert torch.allclose(got, cells, atol=1e-5)
+            # Sigmoid and min-pooling commute: the unity probability is the cell's least probable pixel.
+            probs = torch.sigmoid(per_pixel).reshape(2, 16 // factor, factor, 24 // factor, factor).amin(dim=(2, 4))
+            assert torch.allclose(torch.sigmoid(got), probs, atol=1e-6)
+
+
+def test_unity_head_as_written_can_express_unity():
+    """With the centroid and pixel convolutions equal, a cell's differences along the final
+    projection w sum to zero, so its min-pooled logit is at most the bias, with equality exactly
+    where the cell is constant along w: the min-pooling is the nonlinearity the head needs."""
+    from segrepro.models.specialize_fuse import UnityHead
+
+    torch.manual_seed(0)
+    head = UnityHead(3, 4, "paper").eval()
+    head.centroid.load_state_dict(head.pixel.state_dict())
+    bias = float(head.classify.bias.detach())
+    x = torch.randn(1, 3, 8, 12)  # 2 x 3 cells of 4 x 4
+    x[..., :4, :4] = x[..., :1, :1].clone()  # cell (0, 0) constant
+    with torch.no_grad():
+        cells = head(x, [4])[0][0]
+    assert cells[0, 0] == pytest.approx(bias, abs=1e-5)
+    assert (cells.flatten()[1:] < bias - 1e-3).all()  # random cells vary along w
+
+    # By hand: identity maps, w = (1, 0), b = 3. Constant cell: logit 3, p = 0.95 >= tau 0.9.
+    # Values +-3 along w: min logit 3 - 3 = 0, p = 0.5. Variation orthogonal to w only: 3 again.
+    head = UnityHead(2, 2, "paper").eval()
+    with torch.no_grad():
+        for conv in (head.reduce, head.pixel, head.centroid):
+            conv.weight.copy_(torch.eye(2)[..., None, None])
+            conv.bias.zero_()
+        head.classify.weight.copy_(torch.tensor([1.0, 0.0])[None, :, None, None])
+        head.classify.bias.fill_(3.0)
+        x = torch.zeros(1, 2, 4, 12)
+        x[0, :, :, :4] = torch.tensor([5.0, -2.0])[:, None, None]
+        x[0, 0, :, 4:8] = torch.tensor([3.0, -3.0]).repeat(2)[None]  # columns alternate +3, -3
+        x[0, 1, :, 8:] = torch.tensor([7.0, -7.0]).repeat(2)[None]
+        probs = torch.sigmoid(head(x, [4])[0][0, 0])
+    assert probs.tolist() == pytest.approx([torch.sigmoid(torch.tensor(3.0)).item(), 0.5,
+                                            torch.sigmoid(torch.tensor(3.0)).item()], abs=1e-6)
+    assert probs[0] >= 0.9 > probs[1]
+
+
+def test_unity_head_abs_switch(params):
+    model = tiny_model(params, "I", unity_head="abs").eval()
+    head = model.unity
+    assert head.variant == "abs" and isinstance(head.reduce[1], torch.nn.BatchNorm2d)
+    x = torch.randn(1, model.features.out_channels, 8, 8)
+    with torch.no_grad():
+        embedding = head.reduce(x)
+        centroid = head.centroid(torch.nn.functional.avg_pool2d(embedding, 4)).repeat_interleave(4, 2).repeat_interleave(4, 3)
+        per_pixel = head.classify((head.pixel(embedding) - centroid).abs())[:, 0]
+        expected = per_pixel.reshape(1, 2, 4, 2, 4).amin(dim=(2, 4))
+        assert torch.allclose(head(x, [4])[0], expected, atol=1e-5)

@@ -225,8 +225,8 @@ def pyramid_targets(
     labels: (B, H, W) integer tensor (uint8 or int64, any device), ignore_index = don't care;
     H and W must be multiples of max(strides). strides: coarse -> fine, each dividing the previous.
     Returns (semantic, unity): two lists of L int64 tensors (B, H/s, W/s), coarse -> fine.
-    The finest level uses the same cell rule as the others (paper ambiguous; default
-    (notes-saf.md sec. 1): the literal reading of Sec. 3.1 / Eq. 1).
+    The finest level's cells follow the same rule as the others; the SaF model trains that level
+    per pixel by default instead (Sec. 3.2, `head.finest_target`), `cells` uses these targets.
     Built once from the pixels at the finest stride, then coarser levels by merging children.
     """
     strides = _check_strides(strides)

@@ -17,7 +17,7 @@ One class serves every ablation of App. C; `head.output` and `head.context` pick
 
 Levels are ordered coarse -> fine (index 0 = level 1, the coarsest), as in the paper.
 Where the paper is silent the defaults of the project's implementation notes are taken and
-marked "paper silent" below.
+marked "paper silent" below; docs/notes/defaults-saf.md lists every default with its source.
 """
 
 from __future__ import annotations
@@ -86,12 +86,23 @@ class UnityHead(nn.Module):
     min-pooling over each cell gives Û^(ℓ). Returns logits: sigmoid is monotone, so
     min-pooling the logits equals min-pooling the probabilities and the loss can use
     BCE-with-logits.
+
+    `variant` "paper" is Sec. 4.1 as written: plain 1x1 convolutions, the per-pixel logit linear
+    in the difference. It can express "unity": when the centroid and pixel convolutions agree,
+    the differences along the final projection w sum to zero over a cell, so the cell's minimum
+    logit is at most the bias, with equality exactly where the cell is constant along w; the
+    min-pooling is the nonlinearity. "abs" (paper silent, a switch: `head.unity_head`) adds
+    BN+ReLU to the reduction and |.| to the difference.
     """
 
-    def __init__(self, in_channels: int, channels: int):
+    VARIANTS = ("paper", "abs")
+
+    def __init__(self, in_channels: int, channels: int, variant: str = "paper"):
         super().__init__()
-        # paper silent on BN/ReLU; default: BN+ReLU on the reduction, as every other hidden conv.
-        self.reduce = conv_bn_relu(in_channels, channels)
+        if variant not in self.VARIANTS:
+            raise SegreproError(f"model.head.unity_head: unknown variant {variant!r} (known: {', '.join(self.VARIANTS)})")
+        self.variant = variant
+        self.reduce = nn.Conv2d(in_channels, channels, 1) if variant == "paper" else conv_bn_relu(in_channels, channels)
         self.centroid = nn.Conv2d(channels, channels, 1)
         self.pixel = nn.Conv2d(channels, channels, 1)
         self.classify = nn.Conv2d(channels, 1, 1)
@@ -104,9 +115,9 @@ class UnityHead(nn.Module):
         for factor in factors:
             centroid = self.centroid(F.avg_pool2d(embedding, factor))
             difference = pixels - upsample_nearest(centroid, factor)
-            # paper silent on a nonlinearity after the subtraction; without one the 1x1 conv is
-            # linear in the difference and cannot say "small difference => unity". Default: |.|.
-            per_pixel = self.classify(difference.abs())
+            if self.variant == "abs":
+                difference = difference.abs()
+            per_pixel = self.classify(difference)
             logits.append(-F.max_pool2d(-per_pixel, factor).squeeze(1))  # min-pooling
         return logits
 
@@ -238,7 +249,8 @@ class SpecializeFuse(nn.Module):
             raise SegreproError(f"model.head.strides: every stride must be a multiple of {finest}: {list(self.strides)}")
         factors = [s // finest for s in self.strides]
         self.semantic = SemanticHead(self.features.out_channels, num_classes, head, factors)
-        self.unity = UnityHead(self.features.out_channels, head["unity_channels"]) if self.is_pyramidal else None
+        self.unity = (UnityHead(self.features.out_channels, head["unity_channels"], head["unity_head"])
+                      if self.is_pyramidal else None)
         self.unity_factors = factors[:-1]
 
     def forward(self, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
@@ -279,20 +291,24 @@ class SpecializeFuse(nn.Module):
             return main, {"main": main}
         targets, unity_targets = pyramid_targets(labels, self.strides, self.ignore_index)
         if self.output == "aux":
-            # J (App. C): the finest level is the output, the coarser levels' raw pyramidal
-            # targets are auxiliary losses of weight 0.4, averaged over those levels.
+            # J (App. C): the finest level is the output, each coarser level's raw pyramidal
+            # target an auxiliary loss of weight 0.4 (App. C; HRNet-OCR's auxiliary weight,
+            # experiments/ade20k/*.yaml LOSS.BALANCE_WEIGHTS [0.4, 1], summed by
+            # lib/core/criterion.py CrossEntropy.forward).
             main = self._pixel_loss(semantic[-1], labels)
             aux = torch.stack([masked_cross_entropy(y, t, self.ignore_index)
-                               for y, t in zip(semantic[:-1], targets[:-1])]).mean()
+                               for y, t in zip(semantic[:-1], targets[:-1])]).sum()
             return main + self.aux_weight * aux, {"main": main, "aux": aux}
         probs = [torch.sigmoid(u.detach().float()) for u in outputs["unity"]]
         finest_cells = targets[-1]
         targets, unity_targets = relabel(targets, unity_targets, probs, self.relabel_policy,
                                          self.train_tau, self.ignore_index)
         if self.finest_target == "pixels":
-            # The other reading of Sec. 3.1 for the finest level: per-pixel CE on the upsampled
-            # logits (as HRNet trains), so that pixels of mix cells at stride 4 are supervised too;
-            # only the pixels of "done by coarser" cells are ignored.
+            # Sec. 3.2: "all cells in the finest level L are assumed to be unity-cells", so the
+            # finest level is trained per pixel on its bilinearly upsampled logits, as HRNet-OCR
+            # trains (lib/core/criterion.py CrossEntropy._forward); pixels of mix cells at the
+            # finest stride keep their labels, only those of "done by coarser" cells are ignored.
+            # `cells` (a switch) applies the cell rule of Sec. 3.1 at the finest level too.
             done = (targets[-1] == self.ignore_index) & (finest_cells != self.ignore_index)
             done = upsample_nearest(done, self.strides[-1])
             targets[-1] = labels.masked_fill(done, self.ignore_index)
