@@ -370,3 +370,30 @@ def test_loader_passes_photometric(tmp_path):
     resumed = list(make_train_loader(**dict(args, start_iteration=2), photometric=True, num_workers=2))
     for (xa, ya, _), (xb, yb, _) in zip(distorted[2:], resumed):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.mark.parametrize("height, width", [(40, 80), (80, 160), (30, 20)])
+def test_base_size_scale_sets_the_long_side(height, width):
+    """HRNet-OCR's multi_scale_aug (SaF, Sec. 5.1.1): the drawn scale sets the long side to
+    base_size x scale, whatever the image's own size; without a base size it scales the image."""
+    label = np.full((height, width), 3, np.uint8)
+    image = np.full((height, width, 3), 200, np.uint8)
+    long_side = 32  # base 64 x scale 0.5
+    aug = TrainAugment(64, scale_range=(0.5, 0.5), flip=False, base_size=64)
+    _, y = aug(image, label, np.random.default_rng(0))
+    rows, cols = np.nonzero(y == 3)
+    size = (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1)
+    short_side = round(min(height, width) * long_side / max(height, width))
+    assert int((y == 3).sum()) == long_side * short_side  # the whole scaled image, the rest padding
+    assert max(size) == long_side and min(size) == short_side
+
+    _, y = TrainAugment(64, scale_range=(0.5, 0.5), flip=False)(image, label, np.random.default_rng(0))
+    assert int((y == 3).sum()) == min(64, round(height / 2)) * min(64, round(width / 2))
+
+
+def test_saf_declares_its_base_size_at_the_paper_scale():
+    from segrepro.config import load_params
+
+    params = load_params(Path(__file__).resolve().parents[1])
+    assert params.resolve("saf", "I", "paper")["train"]["base_size"] == 512  # = the crop, as HRNet-OCR
+    assert "base_size" not in params.resolve("saf", "I", "demo")["train"]  # one image size: the forms agree

@@ -61,16 +61,23 @@ def test_evaluation_size():
     assert store.evaluation_size(100, 50, 64) == (64, 32)
 
 
-def test_evaluation_label_pads_bottom_and_right_with_ignore():
-    label = np.arange(48 * 64, dtype=np.int64).reshape(48, 64) % 7  # 64 wide, 48 high
-    out = store.evaluation_label(label.astype(np.uint8), None)
+def test_network_size_is_the_nearest_divisible_size():
+    # Sec. 3.1: sides resized to the nearest multiple of the coarsest stride (halves round up).
+    assert store.network_size(48, 64) == (64, 64)
+    assert store.network_size(40, 50) == (32, 64)
+    assert store.network_size(100, 50, 64, multiple=32) == (64, 32)
+    assert store.network_size(341, 512, multiple=32) == (352, 512)
+
+
+def test_evaluation_label_is_resized_nearest_to_the_divisible_size_not_padded():
+    label = (np.arange(48 * 64, dtype=np.int64).reshape(48, 64) % 7).astype(np.uint8)  # 64 wide, 48 high
+    out = store.evaluation_label(label, None)
     assert out.shape == (64, 64) and out.dtype == np.uint8
-    assert np.array_equal(out[:48], label)
-    assert (out[48:] == 255).all()
+    assert np.array_equal(out, np.asarray(Image.fromarray(label).resize((64, 64), Image.NEAREST)))
+    assert not (out == 255).any()  # no ignore padding
 
     out = store.evaluation_label(np.zeros((40, 50), np.uint8), None, multiple=32, ignore_index=200)
-    assert out.shape == (64, 64)
-    assert (out[:40, :50] == 0).all() and (out[40:] == 200).all() and (out[:, 50:] == 200).all()
+    assert out.shape == (32, 64) and (out == 0).all()
 
     exact = np.ones((32, 64), np.uint8)
     assert np.array_equal(store.evaluation_label(exact, None), exact)
@@ -78,28 +85,26 @@ def test_evaluation_label_pads_bottom_and_right_with_ignore():
 
 def test_evaluation_label_resizes_nearest_to_base_size():
     label = np.array([[0, 1], [2, 3]], np.uint8)
-    out = store.evaluation_label(label, base_size=4, multiple=8)
-    expected = np.full((8, 8), 255, np.uint8)
-    expected[:4, :4] = [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
-    assert np.array_equal(out, expected)
+    out = store.evaluation_label(label, base_size=4, multiple=8)  # 4 x 4, then 8 x 8 (Sec. 3.1)
+    assert np.array_equal(out, np.repeat(np.repeat(label, 4, axis=0), 4, axis=1))
 
-    # Downscaling by 2 keeps one of each pair of columns (PIL nearest samples pixel centres).
+    # Downscaling by 2 keeps one of each pair of columns (PIL nearest samples pixel centres);
+    # the 2 x 4 evaluation size becomes 4 x 4, so the rows are doubled.
     columns = np.tile(np.arange(8, dtype=np.uint8), (4, 1))
     out = store.evaluation_label(columns, base_size=4, multiple=4)
     assert out.shape == (4, 4)
-    assert np.array_equal(out[:2], [[1, 3, 5, 7]] * 2) and (out[2:] == 255).all()
+    assert np.array_equal(out, [[1, 3, 5, 7]] * 4)
 
 
-def test_evaluation_image_resizes_bilinear_and_pads_with_zero():
-    image = torch.rand(1, 3, 48, 64) + 1.0  # strictly positive, so padding zeros are visible
+def test_evaluation_image_is_resized_bilinear_to_the_divisible_size():
+    image = torch.rand(1, 3, 48, 64)
     out = store.evaluation_image(image, None)
-    assert out.shape == (1, 3, 64, 64)
-    assert torch.equal(out[..., :48, :], image) and (out[..., 48:, :] == 0).all()
+    assert torch.equal(out, F.interpolate(image, size=(64, 64), mode="bilinear", align_corners=False))
 
+    # The protocol's path: long side to base_size (24 x 32), then the nearest divisible (32 x 32).
     out = store.evaluation_image(image, base_size=32)
     resized = F.interpolate(image, size=(24, 32), mode="bilinear", align_corners=False)
-    assert out.shape == (1, 3, 32, 32)
-    assert torch.equal(out[..., :24, :], resized) and (out[..., 24:, :] == 0).all()
+    assert torch.equal(out, F.interpolate(resized, size=(32, 32), mode="bilinear", align_corners=False))
 
 
 # ----------------------------------------------------------------------------- writing and reading
@@ -110,8 +115,8 @@ def synthetic_root(tmp_path_factory):
                             height=48, train=1, val=3)
 
 
-@pytest.mark.parametrize("base_size, padded", [(None, (64, 64)), (32, (32, 32))])
-def test_write_pyramids_matches_pyramid_targets(synthetic_root, tmp_path, base_size, padded):
+@pytest.mark.parametrize("base_size, size", [(None, (64, 64)), (32, (32, 32))])
+def test_write_pyramids_matches_pyramid_targets(synthetic_root, tmp_path, base_size, size):
     out = tmp_path / "pyr" / "val"
     assert store.write_pyramids(synthetic_root, "val", out, base_size=base_size) == out
     ids = ["val_00000", "val_00001", "val_00002"]
@@ -121,12 +126,12 @@ def test_write_pyramids_matches_pyramid_targets(synthetic_root, tmp_path, base_s
     index = store.read_index(out)
     assert index["ids"] == ids and index["strides"] == list(STRIDES)
     assert index["base_size"] == base_size and index["split"] == "val" and index["dataset"] == "synth"
-    assert index["eval_sizes"]["val_00000"] == list(store.evaluation_size(48, 64, base_size))
+    assert index["eval_sizes"]["val_00000"] == list(store.network_size(48, 64, base_size)) == list(size)
 
     for i, image_id in enumerate(ids):
         raw = np.asarray(Image.open(synthetic_root / "labels" / f"{image_id}.png"))
         label = store.evaluation_label(raw, base_size)
-        assert label.shape == padded
+        assert label.shape == size
         semantic, unity = pyramid_targets(torch.from_numpy(label.astype(np.int64))[None], list(STRIDES), 255)
         with np.load(out / f"{image_id}.npz") as data:
             assert sorted(data.files) == sorted([f"semantic_s{s}" for s in STRIDES] + [f"unity_s{s}" for s in STRIDES])
@@ -135,12 +140,9 @@ def test_write_pyramids_matches_pyramid_targets(synthetic_root, tmp_path, base_s
         for level, stride in enumerate(STRIDES):
             sem, uni = pyramid[stride]
             assert sem.dtype == np.uint8 and uni.dtype == np.uint8
-            assert sem.shape == uni.shape == (padded[0] // stride, padded[1] // stride)
+            assert sem.shape == uni.shape == (size[0] // stride, size[1] // stride)
             assert np.array_equal(sem, semantic[level][0].numpy())
             assert np.array_equal(uni, unity[level][0].numpy())
-        if base_size is None and i == 0:
-            # The padded bottom half of the coarse grid can never be a unity cell.
-            assert (pyramid[32][1][1] != 1).all() and (pyramid[16][1][3] == 255).all()
 
 
 def test_write_pyramids_maps_other_ignore_index_to_255_and_replaces_old_output(tmp_path):
@@ -250,27 +252,25 @@ def test_stats_hand_computed(tmp_path):
     assert c["never_pct"] == pytest.approx(100 * 27 / 507) and str(c["median_stride"]) == "8"
 
 
-def test_stats_count_cells_over_the_image_only_and_sort_without_kinds(tmp_path):
-    # 24 x 32, all a (padded to 32 x 32): the s32 cell and the lower s16 cells touch padding
-    # (class + ignore); the bottom s8/s4 rows lie wholly in padding and are not counted.
+def test_stats_count_cells_of_the_resized_label_and_sort_without_kinds(tmp_path):
+    # 24 x 32, all a: resized to 32 x 32 (Sec. 3.1), so every cell is a unity cell of a.
     # A second 32 x 32 label: all b except one c pixel.
     second = np.full((32, 32), B, np.uint8)
     second[0, 0] = C
     root = make_dataset(tmp_path / "ds", [np.full((24, 32), A, np.uint8), second])
     pyr = store.write_pyramids(root, "val", tmp_path / "pyr")
     stats = statistics.pyramid_stats(pyr, root)
-    assert stats["cells"].tolist() == [[0, 1, 1], [5, 1, 2], [27, 1, 0], [111, 1, 0]]
-    # a: top s16 cells 512 pixels, rows 16-23 at s8 (256); b: s16 cells 3 x 256, s8 3 x 64,
-    # s4 3 x 16, 15 in the mixed s4 cell; c: the one pixel, never.
-    assert stats["pixels"].tolist() == [[0, 512, 256, 0, 0], [0, 768, 192, 48, 15], [0, 0, 0, 0, 1]]
+    assert stats["cells"].tolist() == [[1, 1, 0], [7, 1, 0], [31, 1, 0], [127, 1, 0]]
+    # a: all 1024 pixels at s32; b: s16 cells 3 x 256, s8 3 x 64, s4 3 x 16, 15 in the mixed
+    # s4 cell; c: the one pixel, never.
+    assert stats["pixels"].tolist() == [[1024, 0, 0, 0, 0], [0, 768, 192, 48, 15], [0, 0, 0, 0, 1]]
 
     out_md = tmp_path / "stats.md"
     statistics.write_pyramid_stats(pyr, root, out_md)
     text = out_md.read_text()
     assert "| Class | Pixels | s32 (%)" in text and "Kind" not in text
     names = [line.split(" | ")[0][2:] for line in text.split("## (b)")[1].splitlines()[4:]]
-    # Nothing settles at s32, so the share at s16 decides: b (75.1 %) before a (66.7 %).
-    assert names == ["b", "a", "c", "**all classes**"]
+    assert names == ["a", "b", "c", "**all classes**"]
     assert "| c | 1 | 0.0 | 0.0 | 0.0 | 0.0 | 100.0 | never |" in text
 
 

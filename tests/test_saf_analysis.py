@@ -2,12 +2,13 @@
 the Table 9 writer (fine -> coarse cells, claims, seeds) and the two figures.
 
 The fake model and dataset: strides (16, 8, 4), tau 0.9, 3 classes, two images of 32 rows, "A"
-(32 wide) and "B" (24 wide, padded to 32 with ignore). Every map varies only along the width,
-so the picture is a row of four 8-pixel column groups g0..g3 (256 pixels each):
+(32 wide) and "B" (24 wide: resized to 32 as Sec. 3.1 asks, source columns 0-11 car, 12-17 sky,
+18-23 ignore, which PIL's nearest resize maps onto g0-g1, g2, g3 exactly). Every map varies only
+along the width, so the picture is a row of four 8-pixel column groups g0..g3 (256 pixels each):
 
     image A  label [0, 0, 1, 2]   fused from level [1, 1, 2, 3]
              level-1 argmax [0, 0, 1, 1]   level-2 [0, 1, 1, 2]   level-3 [0, 2, 1, 2]
-    image B  label [2, 2, 0, pad] fused from level [2, 3, 1, 1]
+    image B  label [2, 2, 0, ign] fused from level [2, 3, 1, 1]
              level-1 argmax [0, 0, 0, 0]   level-2 [2, 0, 0, 0]   level-3 [1, 2, 0, 0]
 
 With one-hot logits and 1-D boundaries, bilinear upsampling keeps each pixel's nearest cell,
@@ -77,13 +78,12 @@ class FakeSaF:
         )
 
     def predict(self, images):
-        """Fused logits at any size: pad to 32, pyramid, Eq. 2, bilinear to pixels, crop."""
+        """Fused logits at any size, as SpecializeFuse.predict: resize to 32 x 32 (Sec. 3.1),
+        pyramid, Eq. 2, bilinear back to the input size."""
         h, w = images.shape[-2:]
-        padded = F.pad(images, (0, 32 - w, 0, 32 - h))
-        out = self.pyramid(padded)
+        out = self.pyramid(F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False))
         fused, _ = fuse(out.semantic, out.unity, self.tau)
-        logits = F.interpolate(fused, size=(32, 32), mode="bilinear", align_corners=False)
-        return logits[:, :, :h, :w]
+        return F.interpolate(fused, size=(h, w), mode="bilinear", align_corners=False)
 
 
 class TinyDataset:
@@ -95,7 +95,7 @@ class TinyDataset:
         label_a = torch.zeros(32, 32, dtype=torch.int64)
         label_a[:, 16:24], label_a[:, 24:] = 1, 2
         label_b = torch.full((32, 24), 2, dtype=torch.int64)
-        label_b[:, 16:] = 0
+        label_b[:, 12:18], label_b[:, 18:] = 0, 255
         self.items = [
             (torch.full((3, 32, 32), MARKS["A"]), label_a, "A"),
             (torch.full((3, 32, 24), MARKS["B"]), label_b, "B"),
@@ -141,7 +141,7 @@ def approx(values):
 
 def test_assignment_and_level_by_assignment(analysis):
     assert analysis["strides"] == [16, 8, 4] and analysis["tau"] == 0.9 and analysis["num_images"] == 2
-    # Labelled pixels only (B's padding is fused from level 1 but is ignore): 3, 2, 2 groups of 256.
+    # Labelled pixels only (B's g3 is fused from level 1 but is ignore): 3, 2, 2 groups of 256.
     assert analysis["assignment_pixels"] == [768, 512, 512]
     assert analysis["assignment_share"] == approx([300 / 7, 200 / 7, 200 / 7])
     # Rows semantic level l', columns assignment level l, coarse -> fine. E.g. [1][0]: the level-2

@@ -99,8 +99,27 @@ def test_predict_is_the_fused_pyramid_upsampled(params):
         fused, _ = fuse(pyramid.semantic, pyramid.unity, model.tau)
         expected = torch.nn.functional.interpolate(fused, size=(64, 64), mode="bilinear", align_corners=False)
         assert torch.allclose(model.predict(images), expected, atol=1e-5)
-        # A side that does not divide by 32 is padded and cut back.
-        assert model.predict(torch.randn(1, 3, 50, 70)).shape == (1, NUM_CLASSES, 50, 70)
+
+def test_predict_resizes_to_the_nearest_divisible_size_and_back(params):
+    """Sec. 3.1: a side that does not divide by the coarsest stride (32) is resized to the
+    nearest divisible size (50 -> 64, 70 -> 64), not padded; the logits come back at full size."""
+    model = tiny_model(params, "I").eval()
+    seen = []
+    model.features.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape[-2:])))
+    images = torch.randn(1, 3, 50, 70)
+    with torch.no_grad():
+        logits = model.predict(images)
+        resized = torch.nn.functional.interpolate(images, size=(64, 64), mode="bilinear", align_corners=False)
+        pyramid = model.pyramid(resized)
+        fused, _ = fuse(pyramid.semantic, pyramid.unity, model.tau)
+        expected = torch.nn.functional.interpolate(fused, size=(50, 70), mode="bilinear", align_corners=False)
+    assert seen[0] == (64, 64)
+    assert logits.shape == (1, NUM_CLASSES, 50, 70)
+    assert torch.allclose(logits, expected, atol=1e-5)
+    # 80 x 100 -> 96 x 96: the nearest multiples, halves rounded up (80 = 2.5 x 32).
+    with torch.no_grad():
+        assert model.predict(torch.randn(1, 3, 80, 100)).shape == (1, NUM_CLASSES, 80, 100)
+    assert seen[-1] == (96, 96)
 
 
 def test_unity_is_the_minimum_over_the_cell(params):

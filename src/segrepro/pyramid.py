@@ -7,6 +7,7 @@ Pure, vectorised torch functions; nothing here holds state or parameters:
 - `pyramid_loss`: the training loss of Eq. 1.
 - `fuse`: the inference-time fusion of Eq. 2.
 - `upsample_nearest`: the Up() used by `relabel` and `fuse`.
+- `nearest_divisible_size`: the input size Sec. 3.1 resizes to.
 
 Conventions (shared across segrepro): levels are ordered COARSE -> FINE everywhere, index 0 is
 level 1 (the coarsest) and index L-1 is level L (the finest); strides are listed coarse -> fine,
@@ -59,6 +60,17 @@ def upsample_nearest(x: Tensor, factor: int) -> Tensor:
         return x
     *lead, h, w = x.shape
     return x[..., :, None, :, None].expand(*lead, h, factor, w, factor).reshape(*lead, h * factor, w * factor)
+
+
+def nearest_divisible(size: int, multiple: int) -> int:
+    """The multiple of `multiple` nearest to `size` (halves round up; at least `multiple`)."""
+    return max(multiple, (2 * int(size) + int(multiple)) // (2 * int(multiple)) * int(multiple))
+
+
+def nearest_divisible_size(height: int, width: int, multiple: int) -> tuple[int, int]:
+    """Sec. 3.1: "the width and height of an input image should be divisible by those of the
+    coarsest level; otherwise, we resize the input RGB to the nearest divisible" -> (h, w)."""
+    return nearest_divisible(height, multiple), nearest_divisible(width, multiple)
 
 
 def _level_factor(coarse: Tensor, fine: Tensor, what: str) -> int:

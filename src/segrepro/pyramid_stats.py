@@ -18,7 +18,6 @@ from segrepro.pyramid_store import (
     STORED_IGNORE,
     check_strides,
     evaluation_label,
-    evaluation_size,
     read_index,
     read_pyramid,
 )
@@ -76,10 +75,10 @@ def _f(value: float) -> str:
 def pyramid_stats(pyramid_dir, dataset_root) -> dict:
     """Counts behind the pyramid-statistics table.
 
-    Returns {"index", "card", "strides", "cells": (L, 3) int [unity, mix, ignore] per level over
-    cells that overlap the unpadded image, "pixels": (C, L + 1) int, per class the valid pixels
-    whose coarsest unity cell is at each level (last column: never, not even at the finest)}.
-    Pixels are counted at evaluation size.
+    Returns {"index", "card", "strides", "cells": (L, 3) int [unity, mix, ignore] per level,
+    "pixels": (C, L + 1) int, per class the valid pixels whose coarsest unity cell is at each
+    level (last column: never, not even at the finest)}. Pixels and cells are counted at the
+    size the network sees (the evaluation size resized to a divisible one, Sec. 3.1).
     """
     pyramid_dir = Path(pyramid_dir)
     index = read_index(pyramid_dir)
@@ -109,14 +108,13 @@ def pyramid_stats(pyramid_dir, dataset_root) -> dict:
                 pyramid[strides[0]][0].shape[1] * strides[0] != label.shape[1]:
             raise SegreproError(f"{path}: pyramid does not match the {label.shape[1]}x{label.shape[0]}"
                                 f" evaluation label of {image_id}")
-        h, w = evaluation_size(*raw.shape, index["base_size"])
 
-        # (a) cell kinds, over cells that overlap the image (cells wholly in padding say nothing).
+        # (a) cell kinds per level (the label is resized to a divisible size, Sec. 3.1: no padding).
         for level, stride in enumerate(strides):
-            unity = pyramid[stride][1][: math.ceil(h / stride), : math.ceil(w / stride)]
+            unity = pyramid[stride][1]
             cells[level] += [(unity == 1).sum(), (unity == 0).sum(), (unity == STORED_IGNORE).sum()]
 
-        # (b) per class, where each valid pixel is settled; padding is ignore, so it drops out.
+        # (b) per class, where each valid pixel is settled.
         first = _first_unity_level(pyramid, strides)
         finest = strides[-1]
         first = np.repeat(np.repeat(first, finest, axis=0), finest, axis=1)
@@ -197,8 +195,8 @@ def write_pyramid_stats(pyramid_dir, dataset_root, out_md) -> None:
         f" stride (\"never\": not even its stride-{strides[-1]} cell is unity), classes settled"
         f" coarsest first — for {card['name']}, split {index['split']}, {index['count']} images,"
         f" strides {stride_text}.")
-    geometry = (f"- Evaluation size: {size}, padded with ignore to a multiple of {strides[0]};"
-                " pixels are counted at this size, cells only where they overlap the unpadded image")
+    geometry = (f"- Evaluation size: {size}, resized (nearest) to the nearest multiple of {strides[0]}"
+                " (Sec. 3.1); pixels and cells are counted at that size")
     text = [
         "# Ground-truth pyramid statistics",
         "",

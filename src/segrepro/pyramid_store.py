@@ -3,8 +3,8 @@
 SaF (Sec. 3.1, App. B) derives from every per-pixel label a semantic pyramid Y^(l) and a unity
 pyramid U^(l). The level analysis (Sec. 5.5, Table 9, Fig. 3) compares a trained model's
 pyramid with these ground truths on evaluation images, so they are computed once per split
-here, on the label at the size the single-scale protocol feeds the network, with the sides
-padded with ignore up to a multiple of the coarsest stride.
+here, on the label at the size the single-scale protocol feeds the network: the evaluation size
+resized to the nearest size divisible by the coarsest stride (Sec. 3.1).
 
 Files: <out_dir>/<image_id>.npz holds uint8 arrays `semantic_s{stride}` and `unity_s{stride}`
 for every stride, coarse -> fine (255 = ignore; unity 1 = unity cell, 0 = mix cell), and
@@ -15,7 +15,6 @@ The pyramid rule itself lives in segrepro.pyramid.pyramid_targets; this module o
 from __future__ import annotations
 
 import itertools
-import math
 import zipfile
 import zlib
 from pathlib import Path
@@ -30,35 +29,34 @@ from segrepro import atomic
 from segrepro.data.dataset import SegmentationDataset
 from segrepro.errors import SegreproError
 from segrepro.inference import scaled_size
-from segrepro.pyramid import pyramid_targets
+from segrepro.pyramid import nearest_divisible_size, pyramid_targets
 
 STORED_IGNORE = 255  # what the .npz files hold for "don't care", whatever the dataset's ignore_index
 INDEX_NAME = "index.yaml"
-INDEX_FORMAT = "segrepro ground-truth pyramids v1"
+INDEX_FORMAT = "segrepro ground-truth pyramids v2"  # v2: resized to a divisible size, not padded
 BATCH = 16  # labels of one size sent to pyramid_targets together
 
 
 # ----------------------------------------------------------------------------- evaluation geometry
 
 def evaluation_size(height: int, width: int, base_size: int | None = None) -> tuple[int, int]:
-    """(h, w) the single-scale protocol feeds the network: the image itself, or its long side
+    """(h, w) the single-scale protocol scales an image to: the image itself, or its long side
     set to `base_size` (segrepro.inference.scaled_size at scale 1)."""
     return scaled_size(int(height), int(width), 1.0, base_size)
 
 
-def _padded(size: int, multiple: int) -> int:
-    return int(math.ceil(size / multiple) * multiple)
+def network_size(height: int, width: int, base_size: int | None = None, multiple: int = 32) -> tuple[int, int]:
+    """(h, w) the network sees: the evaluation size resized to the nearest size divisible by the
+    coarsest stride (Sec. 3.1), as SpecializeFuse.predict does."""
+    return nearest_divisible_size(*evaluation_size(height, width, base_size), multiple)
 
 
 def evaluation_label(label: np.ndarray, base_size: int | None, multiple: int = 32,
                      ignore_index: int = 255) -> np.ndarray:
-    """The label at evaluation size (nearest resize), padded bottom/right with `ignore_index`
-    up to a multiple of `multiple` (uint8, H', W' divisible by `multiple`).
-
-    Sec. 3.1 asks for sides divisible by the coarsest cell; the contract pads with ignore rather
-    than resizing, so every valid pixel keeps its evaluation-size position (cells that touch the
-    padding become "class + don't care" cells, App. B case 3).
-    """
+    """The label at network size (uint8, H', W' divisible by `multiple`), resized nearest from
+    the original label. Sec. 3.1 resizes the input to the nearest divisible size (no padding),
+    so the ground-truth pyramids are built on that grid. `ignore_index` is kept in the
+    signature for callers; nothing is padded with it any more."""
     label = np.asarray(label)
     if label.ndim != 2:
         raise ValueError(f"expected a label of shape (H, W), got {label.shape}")
@@ -66,27 +64,23 @@ def evaluation_label(label: np.ndarray, base_size: int | None, multiple: int = 3
         if label.size and (label.min() < 0 or label.max() > 255):
             raise ValueError("label values must fit in uint8 (0..255)")
         label = label.astype(np.uint8)
-    h, w = evaluation_size(*label.shape, base_size)
+    h, w = network_size(*label.shape, base_size, multiple)
     if (h, w) != label.shape:
         # Nearest keeps labels labels; PIL's NEAREST, as the training augmentation uses.
         label = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))
-    out = np.full((_padded(h, multiple), _padded(w, multiple)), ignore_index, np.uint8)
-    out[:h, :w] = label
-    return out
+    return np.ascontiguousarray(label)
 
 
 def evaluation_image(image: torch.Tensor, base_size: int | None, multiple: int = 32) -> torch.Tensor:
-    """A normalised image (1,3,H,W) at evaluation size (bilinear, align_corners=False, as the
-    inference protocol resizes), padded bottom/right with 0 (the mean after normalisation) up to
-    a multiple of `multiple`; the same geometry as `evaluation_label`."""
+    """A normalised image (1,3,H,W) at network size, the way the single-scale protocol gets
+    there: bilinear (align_corners=False) to the evaluation size, then, as
+    SpecializeFuse.predict, to the nearest size divisible by `multiple` (Sec. 3.1)."""
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"expected one image of shape (1,C,H,W), got {tuple(image.shape)}")
     h, w = evaluation_size(image.shape[-2], image.shape[-1], base_size)
-    if (h, w) != tuple(image.shape[-2:]):
-        image = F.interpolate(image, size=(h, w), mode="bilinear", align_corners=False)
-    ph, pw = _padded(h, multiple) - h, _padded(w, multiple) - w
-    if ph or pw:
-        image = F.pad(image, (0, pw, 0, ph), value=0.0)
+    for size in ((h, w), nearest_divisible_size(h, w, multiple)):
+        if size != tuple(image.shape[-2:]):
+            image = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
     return image
 
 
@@ -145,17 +139,17 @@ def write_pyramids(dataset_root, split: str, out_dir, base_size: int | None = No
     out_dir = Path(out_dir)
     dataset = SegmentationDataset(dataset_root, split)
     ignore_index = dataset.ignore_index
-    multiple = strides[0]  # the coarsest cell must tile the padded label (Sec. 3.1)
+    multiple = strides[0]  # the coarsest cell must tile the label (Sec. 3.1)
 
     with atomic.build_directory(out_dir) as tmp:
         sizes: dict[str, list[int]] = {}
         pending: dict[tuple[int, int], list[tuple[str, np.ndarray]]] = {}
         for index, image_id in enumerate(dataset.ids):
             _, label = dataset.load_pair(index)  # checks readability, size and label values
-            padded = evaluation_label(label, base_size, multiple, ignore_index)
-            sizes[image_id] = list(evaluation_size(*label.shape, base_size))
-            batch = pending.setdefault(padded.shape, [])
-            batch.append((image_id, padded))
+            resized = evaluation_label(label, base_size, multiple, ignore_index)
+            sizes[image_id] = list(resized.shape)
+            batch = pending.setdefault(resized.shape, [])
+            batch.append((image_id, resized))
             if len(batch) == BATCH:
                 _flush(batch, strides, ignore_index, tmp)
                 batch.clear()
@@ -171,12 +165,12 @@ def write_pyramids(dataset_root, split: str, out_dir, base_size: int | None = No
             "split": split,
             "base_size": None if base_size is None else int(base_size),
             "strides": list(strides),
-            "pad_multiple": multiple,
+            "size_multiple": multiple,
             "ignore": STORED_IGNORE,
             "unity_values": {"unity": 1, "mix": 0, "ignore": STORED_IGNORE},
             "count": len(dataset.ids),
             "ids": list(dataset.ids),
-            "eval_sizes": sizes,  # (h, w) before padding; the arrays cover the padded size
+            "eval_sizes": sizes,  # (h, w) the network sees; the arrays cover exactly this size
         }
         # Written last: a folder with an index holds every image's file.
         atomic.write_text(tmp / INDEX_NAME, yaml.safe_dump(index, sort_keys=False,

@@ -31,7 +31,6 @@ from segrepro.pyramid_store import (
     STORED_IGNORE,
     evaluation_image,
     evaluation_label,
-    evaluation_size,
     read_index,
     read_pyramid,
 )
@@ -39,11 +38,12 @@ from segrepro.pyramid_store import (
 # ----------------------------------------------------------------------------- one forward pass
 
 class _Pass(NamedTuple):
-    """One image through the model at the single-scale evaluation size (padded)."""
+    """One image through the model at the single-scale network size (Sec. 3.1: the evaluation
+    size resized to the nearest size divisible by the coarsest stride)."""
 
     image: torch.Tensor  # (1,3,Hp,Wp) network input, normalised
-    label: torch.Tensor  # (Hp,Wp) int64, padding = ignore
-    size: tuple[int, int]  # (h, w) before padding
+    label: torch.Tensor  # (Hp,Wp) int64, the label resized (nearest) to the network size
+    size: tuple[int, int]  # (Hp, Wp)
     pyramid: Pyramid  # float32 logits / probabilities, coarse -> fine
     fused: torch.Tensor  # (1,C,h_L,w_L) fused logits, Eq. 2
     assignment: torch.Tensor  # (1,h_L,w_L) level index each finest cell takes its label from
@@ -69,17 +69,16 @@ def check_model(model) -> tuple[int, ...]:
 
 
 def run_pyramid(model, image, label, device, base_size, num_classes: int, ignore_index: int) -> _Pass:
-    """Evaluation geometry of the ss protocol (pyramid_store), one whole-image `pyramid` pass, fuse."""
+    """Network geometry of the ss protocol (pyramid_store), one whole-image `pyramid` pass, fuse."""
     strides = tuple(int(s) for s in model.strides)
     multiple = max(strides)  # Sec. 3.1: sides divisible by the coarsest cell
     image = torch.as_tensor(image).to(device, torch.float32)
     if image.dim() != 3:
         raise ValueError(f"expected an image of shape (3,H,W), got {tuple(image.shape)}")
     label = np.asarray(torch.as_tensor(label).cpu().numpy())
-    height, width = image.shape[-2:]
     x = evaluation_image(image.unsqueeze(0), base_size, multiple)
     y = torch.from_numpy(evaluation_label(label, base_size, multiple, ignore_index).astype(np.int64)).to(device)
-    size = evaluation_size(int(height), int(width), base_size)
+    size = tuple(x.shape[-2:])
 
     # Like inference.evaluate: bf16 autocast on CUDA for the network; the analysis itself in fp32.
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -108,10 +107,10 @@ def run_pyramid(model, image, label, device, base_size, num_classes: int, ignore
     return _Pass(x, y, size, pyramid, fused.float(), assignment)
 
 
-def pixels_from_finest(logits: torch.Tensor, padded: tuple[int, int]) -> torch.Tensor:
+def pixels_from_finest(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Finest-level logits -> pixels: bilinear, as the fused output goes to image size (Sec. 3.3;
     paper silent on the mode; default from notes-saf.md section 5: bilinear)."""
-    return F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
 def _level_pixel_logits(p: _Pass, level: int) -> torch.Tensor:
@@ -151,7 +150,7 @@ def _unity_gt(pyramid_dir: Path, image_id: str, strides, shapes) -> list[np.ndar
         unity = stored[stride][1]
         if unity.shape != tuple(shapes[level]):
             raise SegreproError(f"{path}: unity_s{stride} is {unity.shape[1]}x{unity.shape[0]} cells, the model"
-                                f" predicts {shapes[level][1]}x{shapes[level][0]} (other base_size or padding?)")
+                                f" predicts {shapes[level][1]}x{shapes[level][0]} (other base_size or strides?)")
         maps.append(unity)
     return maps
 
@@ -171,7 +170,7 @@ class _LevelCounts:
 
     def add(self, p: _Pass, unity_gt: list[np.ndarray]) -> None:
         L = self.L
-        h, w = p.size  # counting on the unpadded part (padding is ignore anyway)
+        h, w = p.size  # the whole network-size grid
         target = p.label[:h, :w]
         assignment = _pixel_assignment(p)[:h, :w]
         self.assigned += torch.bincount(assignment[target != self.ignore], minlength=L).cpu().numpy()
@@ -208,7 +207,7 @@ def analyse_levels(model, dataset, pyramid_dir, device, base_size=None, progress
     `dataset` yields (image (3,H,W) normalised, label (H,W), image_id) and has `class_names`
     (and `ignore_index`, default 255); `pyramid_dir` holds `<image_id>.npz` ground-truth pyramids
     written by pyramid_store.write_pyramids with the same `base_size`. Counting is at the
-    network-input (evaluation) size with the padding cropped away. Returns (numbers in percent):
+    network-input size (Sec. 3.1's divisible size). Returns (numbers in percent):
 
     - strides, tau, class_names, num_images, base_size
     - assignment_pixels / assignment_share: labelled pixels fused from each level (Eq. 2)

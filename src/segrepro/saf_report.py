@@ -358,7 +358,7 @@ def _colour(labels: np.ndarray, palette: np.ndarray, ignore: int) -> np.ndarray:
 
 
 def _cells_to_pixels(cells: np.ndarray, stride: int, size: tuple[int, int]) -> np.ndarray:
-    """Cell grid -> pixels (each cell copied to its stride x stride pixels), padding cropped."""
+    """Cell grid -> pixels (each cell copied to its stride x stride pixels), cropped to `size`."""
     up = np.repeat(np.repeat(cells, stride, axis=0), stride, axis=1)
     return up[: size[0], : size[1]]
 

@@ -214,6 +214,7 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
         flip=settings["flip"], brightness=settings["brightness"], seed=config["seed"],
         start_iteration=start, iterations=iterations, num_workers=settings["num_workers"],
         photometric=settings.get("photometric", False), pin_memory=pinned,
+        base_size=settings.get("base_size"),
     )
     # torch's loader workers die of a SIGTERM their parent did not send, and SLURM signals every
     # process of the job: they must live on to serve the batches up to the checkpoint.

@@ -153,9 +153,14 @@ class TrainAugment:
     """
 
     def __init__(self, crop_size, scale_range=(0.5, 2.0), flip: bool = True,
-                 brightness: float = 0.0, ignore_index: int = 255, photometric: bool = False):
+                 brightness: float = 0.0, ignore_index: int = 255, photometric: bool = False,
+                 base_size: int | None = None):
         self.crop_h, self.crop_w = crop_pair(crop_size)
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        # With a base size the drawn scale sets the long side to base_size x scale (HRNet-OCR's
+        # multi_scale_aug, lib/datasets/base_dataset.py, which SaF follows, Sec. 5.1.1); without
+        # one it scales the image itself.
+        self.base_size = None if base_size is None else int(base_size)
         self.flip = bool(flip)
         self.brightness = float(brightness)
         self.ignore_index = int(ignore_index)
@@ -170,7 +175,8 @@ class TrainAugment:
         scale = rng.uniform(*self.scale_range)
         do_flip = rng.random() < 0.5
         gain = rng.uniform(1.0 - self.brightness, 1.0 + self.brightness)
-        new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+        factor = scale if self.base_size is None else scale * self.base_size / max(h, w)
+        new_w, new_h = max(1, round(w * factor)), max(1, round(h * factor))
         pad_h, pad_w = max(0, self.crop_h - new_h), max(0, self.crop_w - new_w)
         y0 = int(rng.integers(0, new_h + pad_h - self.crop_h + 1))
         x0 = int(rng.integers(0, new_w + pad_w - self.crop_w + 1))
@@ -399,11 +405,12 @@ class IterationBatchSampler:
 
 def make_train_loader(root, split: str, batch_size: int, crop_size, scale_range, flip: bool,
                       brightness: float, seed: int, start_iteration: int, iterations: int,
-                      num_workers: int = 0, photometric: bool = False, pin_memory: bool = False) -> DataLoader:
+                      num_workers: int = 0, photometric: bool = False, pin_memory: bool = False,
+                      base_size: int | None = None) -> DataLoader:
     """DataLoader over augmented batches for iterations start_iteration .. iterations - 1."""
     dataset = SegmentationDataset(root, split)
     dataset.transform = TrainAugment(crop_size, scale_range, flip, brightness, dataset.ignore_index,
-                                     photometric=photometric)
+                                     photometric=photometric, base_size=base_size)
     if len(dataset) < batch_size:
         raise SegreproError(
             f"{dataset.split_file}: {len(dataset)} images, fewer than the batch size {batch_size}")

@@ -34,6 +34,7 @@ from segrepro.models.losses import masked_cross_entropy
 from segrepro.pyramid import (
     Pyramid,
     fuse,
+    nearest_divisible_size,
     pyramid_loss,
     pyramid_targets,
     relabel,
@@ -270,18 +271,19 @@ class SpecializeFuse(nn.Module):
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Logits at the input resolution: the fused output (Eq. 2) for pyramidal models, the
-        finest level otherwise (J drops its auxiliary levels, Sec. 5.4). The input is padded
-        with zeros (the normalised mean) up to a multiple of the coarsest stride (Sec. 3.1
-        requires divisible sides) and the padding is cut off again."""
+        finest level otherwise (J drops its auxiliary levels, Sec. 5.4). Sec. 3.1: sides that do
+        not divide by the coarsest stride are resized (bilinear) to the nearest divisible size;
+        the logits are then resized back to the full input size."""
         height, width = images.shape[-2:]
-        multiple = self.strides[0]
-        padded = F.pad(images, (0, -width % multiple, 0, -height % multiple))
-        outputs = self(padded)
+        size = nearest_divisible_size(height, width, self.strides[0])
+        if size != (height, width):
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        outputs = self(images)
         if self.is_pyramidal:
             logits, _ = fuse(outputs["semantic"], [torch.sigmoid(u) for u in outputs["unity"]], self.tau)
         else:
             logits = outputs["semantic"][-1]
-        return self._upsample(logits, padded.shape[-2:])[:, :, :height, :width]
+        return self._upsample(logits, (height, width))
 
     def loss(self, outputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         semantic = outputs["semantic"]
