@@ -278,6 +278,9 @@ def test_config_prints_the_resolved_yaml(project, capsys, experiment, seed):
     assert printed["dataset"] == {"name": TINY, "root": f"data/{TINY}"}
     assert printed["train"]["iterations"] == 6
     assert printed["model"]["backbone"]["kwargs"]["stem_width"] == 4  # the tiny profile
+    # PSPNet's recipe: the new layers at 10x the base rate (semseg), shown with the optimizer's decay.
+    assert printed["train"]["lr_mult"] == {"context": 10, "head": 10, "aux_head": 10}
+    assert printed["train"]["decay"] == "all"
     if experiment == "b1_max":
         assert printed["model"]["head"]["bins"] == [1]
         assert printed["model"]["head"]["pool"] == "max"
@@ -305,6 +308,7 @@ def test_list_shows_pspnet_tables_and_experiments(project, capsys):
     lines = out.splitlines()
     start = lines.index(f"pspnet: {registry['title']}")
     experiments_line, tables_line = lines[start + 1], lines[start + 2]
-    assert tables_line.split(":", 1)[1].strip().split(", ") == ["pspnet_table1", "pspnet_table2", "pspnet_table3"]
+    assert tables_line.split(":", 1)[1].strip().split(", ") == ["pspnet_table1", "pspnet_table2", "pspnet_table3",
+                                                                "pspnet_open_defaults"]
     assert experiments_line.split(":", 1)[1].strip().split(", ") == list(registry["experiments"])
 

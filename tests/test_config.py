@@ -90,9 +90,13 @@ def test_every_experiment_resolves_at_every_scale(params):
 
 
 def test_resolution_layers(params):
-    """scale profile < paper's scale refinement < experiment overrides."""
+    """scale profile < paper's recipe < paper's scale refinement < experiment overrides."""
     tiny = params.resolve("pspnet", "psp269", "tiny")
-    assert tiny["train"] == params.scales["tiny"]["train"]
+    # The profile's training settings, and the paper's own recipe (its lr_mult) at every scale.
+    assert tiny["train"] == {**params.scales["tiny"]["train"], "lr_mult": {"context": 10, "head": 10, "aux_head": 10}}
+    for scale in params.scales:
+        assert params.resolve("pspnet", "psp50", scale)["train"]["lr_mult"] == {"context": 10, "head": 10, "aux_head": 10}
+        assert params.resolve("pspnet", "psp50_lr_mult1", scale)["train"]["lr_mult"] == {"context": 1, "head": 1, "aux_head": 1}
     assert tiny["model"]["head"]["channels"] == 16                     # paper's tiny refinement
     assert tiny["model"]["backbone"]["kwargs"] == {                    # both kwargs layers merged
         "channels": [4, 8, 16, 32], "stem_width": 4, "layers": [3, 30, 48, 8]}
@@ -145,7 +149,7 @@ def test_every_table_row_names_an_existing_experiment_and_protocol(params):
 
 
 def test_tables_using(params):
-    assert params.tables_using("pspnet", "psp50") == ["pspnet_table1", "pspnet_table3"]
+    assert params.tables_using("pspnet", "psp50") == ["pspnet_table1", "pspnet_table3", "pspnet_open_defaults"]
     assert params.tables_using("pspnet", "fcn") == ["pspnet_table1", "pspnet_table2"]
     assert params.tables_using("pspnet", "fcn_aux03") == ["pspnet_table2"]
 
@@ -186,6 +190,43 @@ def test_bad_enum_in_a_paper(root):
 def test_saf_model_keys_are_checked_against_their_family(root, override, culprit):
     edit_yaml(root / "params" / "papers" / "saf.yaml", override)
     assert "saf.yaml" in one_line_error(root, culprit)
+
+
+@pytest.mark.parametrize("paper, override, culprit", [
+    ("pspnet", {"train": {"lr_mult": {"ppm": 10}}}, r"pspnet.yaml: train.lr_mult: unknown module 'ppm' of a pspnet model \(known: backbone, context, head, aux_head\)"),
+    ("pspnet", {"experiments": {"psp50": {"scales": {"demo": {"train": {"lr_mult": {"classifier": 10}}}}}}},
+     "experiments.psp50.scales.demo.train.lr_mult: unknown module 'classifier'"),
+    ("hfgd", {"settings": {"plain": {"train": {"lr_mult": {"head": 10}}}}}, "settings.plain.train.lr_mult: unknown module 'head' of a hfgd"),
+    ("saf", {"scales": {"paper": {"datasets": {"cocostuff10k": {"train": {"lr_mult": {"context": 10}}}}}}},
+     "scales.paper.datasets.cocostuff10k.train.lr_mult: unknown module 'context' of a saf"),
+    ("pspnet", {"train": {"lr_mult": {"head": 0}}}, "train.lr_mult.head: 0"),             # the schema: > 0
+    ("hfgd", {"settings": {"plain": {"train": {"decay": "norms"}}}}, "decay: 'norms'"),
+])
+def test_lr_mult_and_decay_options_are_checked(root, paper, override, culprit):
+    edit_yaml(root / "params" / "papers" / f"{paper}.yaml", override)
+    assert f"{paper}.yaml" in one_line_error(root, culprit)
+
+
+def test_lr_mult_belongs_to_a_papers_file(root):
+    edit_yaml(root / "params" / "scales.yaml", {"demo": {"train": {"lr_mult": {"head": 10}}}})
+    one_line_error(root, "scales.yaml: demo.train.lr_mult: .*params/papers/")
+
+
+def test_module_names_are_the_families_top_level_modules(params):
+    """What `train.lr_mult` may name is what the models have: every model of every experiment
+    (tiny scale) has only listed top-level modules, and each listed one occurs in some model."""
+    from segrepro.models import MODULE_NAMES, build_model
+
+    for paper, registry in params.papers.items():
+        family = registry["model"]["family"]
+        seen = set()
+        for experiment in registry["experiments"]:
+            model = build_model(params.resolve(paper, experiment, "tiny")["model"], 5, 255)
+            children = {name for name, _ in model.named_children()}
+            assert children <= set(MODULE_NAMES[family]), (paper, experiment, children)
+            assert model.module_names == MODULE_NAMES[family]
+            seen |= children
+        assert seen == set(MODULE_NAMES[family]), (paper, seen)
 
 
 def test_subset_of_an_unknown_dataset(root):
@@ -365,9 +406,13 @@ def test_stage_sources_follow_lazy_and_relative_imports(tmp_path):
 
 def test_a_named_setting_sits_between_the_scale_and_the_experiment(params):
     plain = params.resolve("hfgd", "usfpn_cae_hfgm", "paper")["train"]
-    assert (plain["optimizer"], plain["lr"], plain["weight_decay"], plain["iterations"]) == ("sgd", 0.01, 1e-4, 30000)
+    # The plain setting's decay: the authors' Keras l2(1e-4) on kernels = SGD weight decay 2e-4 on kernels.
+    assert (plain["optimizer"], plain["lr"], plain["weight_decay"], plain["decay"], plain["iterations"]) == (
+        "sgd", 0.01, 2e-4, "kernels", 30000)
+    assert params.resolve("hfgd", "usfpn_cae_hfgm", "demo")["train"]["weight_decay"] == 2e-4  # every scale
     advanced = params.resolve("hfgd", "swin_usfpn_cae_hfgm", "paper")["train"]
-    assert (advanced["optimizer"], advanced["lr"], advanced["weight_decay"]) == ("adamw", 4e-5, 0.05)
+    assert (advanced["optimizer"], advanced["lr"], advanced["weight_decay"], advanced["decay"]) == (
+        "adamw", 4e-5, 0.05, "kernels")
     assert advanced["photometric"] and advanced["iterations"] == 40000
     # Per-scale values of the setting apply at that scale only.
     assert params.resolve("hfgd", "swin_usfpn_cae_hfgm", "demo")["train"]["lr"] == 1e-3

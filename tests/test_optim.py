@@ -1,6 +1,7 @@
 """The optimizers of segrepro.train.build_optimizer (SGD, the plain setting; AdamW with decay and
-no-decay groups, HFGD's advanced setting), and AdamW + photometric training through the trainer,
-resumed to exactly the model of an unbroken run."""
+no-decay groups, HFGD's advanced setting), its parameter groups (`train.lr_mult`, `train.decay`),
+and AdamW + photometric training and PSPNet's 10x groups through the trainer, resumed to exactly
+the model of an unbroken run."""
 
 import json
 
@@ -13,9 +14,9 @@ from segrepro.config import deep_merge, load_params
 from segrepro.data import load_card
 from segrepro.errors import SegreproError
 from segrepro.models import build_model
-from segrepro.train import CHECKPOINT, LOG, build_optimizer, train
+from segrepro.train import CHECKPOINT, LOG, build_optimizer, poly_lr, train
 
-ADAMW = {"optimizer": "adamw", "lr": 4e-5, "weight_decay": 0.05, "momentum": 0.9}
+ADAMW = {"optimizer": "adamw", "lr": 4e-5, "weight_decay": 0.05, "decay": "kernels", "momentum": 0.9}
 
 
 class Block(nn.Module):
@@ -97,10 +98,138 @@ def test_poly_lr_reaches_both_adamw_groups():
     assert [g["lr"] for g in optimizer.param_groups] == [1.25e-5, 1.25e-5]
 
 
+def test_decay_all_decays_norms_and_biases_under_adamw_too():
+    optimizer = build_optimizer(Block(), dict(ADAMW, decay="all"))
+    assert len(optimizer.param_groups) == 1 and optimizer.param_groups[0]["weight_decay"] == 0.05
+
+
+def test_unknown_decay_is_an_error():
+    with pytest.raises(SegreproError, match="train.decay 'norms'"):
+        build_optimizer(Block(), dict(ADAMW, decay="norms"))
+
+
+# ----------------------------------------------------------------------------- train.decay: kernels
+
+class ConvNet(nn.Module):
+    """A conv with bias, a BN and a linear layer: what `decay: kernels` tells apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=True)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+
+def test_kernels_decay_only_conv_and_linear_kernels_at_the_keras_l2_gradient():
+    """HFGD's plain setting as resolved from params: SGD weight decay 2e-4 on the conv and linear
+    kernels only. One step with a zero loss gradient moves exactly the kernels, by lr x 2e-4 x w:
+    the step the authors' Keras l2(1e-4) penalty (1e-4 x sum(w^2), gradient 2e-4 x w) gives."""
+    settings = load_params().resolve("hfgd", "usfpn_cae_hfgm", "paper")["train"]
+    assert (settings["decay"], settings["weight_decay"]) == ("kernels", 2e-4)
+    torch.manual_seed(0)
+    model = ConvNet()
+    for module in (model.bn,):  # non-trivial norm parameters, so that a decay would show
+        nn.init.normal_(module.weight), nn.init.normal_(module.bias)
+    optimizer = build_optimizer(model, dict(settings, lr=0.5))
+    decayed, undecayed = group_names(model, optimizer)
+    assert decayed == {"conv.weight", "fc.weight"}
+    assert undecayed == {"conv.bias", "bn.weight", "bn.bias", "fc.bias"}
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [2e-4, 0.0]
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in model.named_parameters():
+        if name in decayed:
+            torch.testing.assert_close(p.detach(), before[name] * (1 - 0.5 * 2e-4), rtol=0, atol=1e-7)
+        else:
+            assert torch.equal(p.detach(), before[name]), name
+
+    # The same step from the Keras penalty itself (no weight decay in the optimizer).
+    keras = ConvNet()
+    keras.load_state_dict({n: t for n, t in before.items()}, strict=False)
+    plain = torch.optim.SGD(keras.parameters(), lr=0.5, momentum=0.9)
+    penalty = 1e-4 * sum((p ** 2).sum() for n, p in keras.named_parameters() if n in decayed)
+    plain.zero_grad()
+    penalty.backward()
+    for p in keras.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    plain.step()
+    for name, p in keras.named_parameters():
+        torch.testing.assert_close(p.detach(), dict(model.named_parameters())[name].detach(), rtol=0, atol=1e-9)
+
+
+def test_kernels_of_a_real_hfgd_model(project):
+    """The plain setting on the full HFGD model (tiny): every decayed parameter is a conv or linear
+    kernel, every conv and linear kernel is decayed, and no norm or bias is."""
+    config = load_params().resolve("hfgd", "usfpn_cae_hfgm", "tiny")
+    model = build_model(config["model"], 5, 255)
+    decayed, undecayed = group_names(model, build_optimizer(model, config["train"]))
+    kernels = {f"{m}.weight" for m, module in model.named_modules()
+               if isinstance(module, (nn.Conv2d, nn.Linear))}
+    assert decayed == kernels
+    norms = {f"{m}.{p}" for m, module in model.named_modules()
+             if isinstance(module, (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)) for p in ("weight", "bias")}
+    biases = {n for n, _ in model.named_parameters() if n.endswith(".bias")}
+    assert norms and biases and (norms | biases) <= undecayed
+
+
+# ----------------------------------------------------------------------------- train.lr_mult
+
+class TwoPart(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Conv2d(3, 4, 3)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, images):
+        return self.head(self.backbone(images))
+
+    @staticmethod
+    def loss(outputs, labels):
+        return outputs.float().mean(), {}
+
+
+def test_lr_mult_groups_keep_their_ratio_at_every_poly_step():
+    model = TwoPart()
+    settings = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "lr_mult": {"head": 10}}
+    optimizer = build_optimizer(model, settings)
+    base, new = group_names(model, optimizer)
+    assert base == {"backbone.weight", "backbone.bias"} and new == {"head.weight", "head.bias"}
+    assert [(g["lr"], g["lr_mult"]) for g in optimizer.param_groups] == [(0.01, 1.0), (0.1, 10.0)]
+    for iteration in range(7):
+        rate = poly_lr(0.01, iteration, 7, 0.9)
+        trainer.train_step(model, optimizer, torch.randn(1, 3, 5, 5), None, rate)
+        # semseg tool/train.py: the base groups at the poly rate, the new ones at 10x it.
+        assert [g["lr"] for g in optimizer.param_groups] == [rate, rate * 10]
+
+
+def test_unknown_lr_mult_module_is_an_error():
+    with pytest.raises(SegreproError, match=r"train.lr_mult: unknown module 'neck' \(the model's: backbone, head\)"):
+        build_optimizer(TwoPart(), {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0, "lr_mult": {"neck": 2}})
+
+
+def test_pspnets_new_layers_learn_at_10x(project):
+    """PSPNet's default (semseg's modules_new): pyramid pooling, classifier and auxiliary branch in
+    the 10x groups, the backbone at the base rate; with decay kernels too, four groups."""
+    config = load_params().resolve("pspnet", "psp50", "tiny")
+    card = load_card(config["dataset"]["root"])
+    model = build_model(config["model"], card["num_classes"], card["ignore_index"])
+    optimizer = build_optimizer(model, config["train"])
+    base, new = group_names(model, optimizer)
+    assert base == {n for n, _ in model.named_parameters() if n.startswith("backbone.")}
+    assert {n.split(".")[0] for n in new} == {"context", "head", "aux_head"}
+    assert [g["lr_mult"] for g in optimizer.param_groups] == [1.0, 10.0]
+    groups = build_optimizer(model, dict(config["train"], decay="kernels")).param_groups
+    assert [(g["lr_mult"], g["weight_decay"]) for g in groups] == [(1.0, 1e-4), (1.0, 0.0), (10.0, 1e-4), (10.0, 0.0)]
+
+
 # ----------------------------------------------------------------------------- through the trainer
 
 def adamw_config(**train_override) -> dict:
-    settings = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "photometric": True,
+    settings = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "decay": "kernels", "photometric": True,
                 "iterations": 8, "checkpoint_every": 4, "log_every": 2, **train_override}
     return deep_merge(load_params().resolve("pspnet", "psp50", "tiny"), {"train": settings})
 
@@ -135,7 +264,8 @@ def test_adamw_photometric_run_resumes_to_the_model_of_an_unbroken_run(project, 
     checkpoint = torch.load(run_dir / CHECKPOINT, weights_only=True)
     assert checkpoint["iteration"] == 4
     groups = checkpoint["optimizer"]["param_groups"]
-    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    # Decayed and undecayed groups, at the base rate and at PSPNet's 10x (its lr_mult).
+    assert [(g["lr_mult"], g["weight_decay"]) for g in groups] == [(1.0, 0.05), (1.0, 0.0), (10.0, 0.05), (10.0, 0.0)]
     assert all("exp_avg_sq" in s for s in checkpoint["optimizer"]["state"].values())
 
     assert train(config, run_dir / "model.pt", device="cpu")["resumed_from"] == 4
@@ -161,3 +291,53 @@ def test_adamw_learns(project):
     losses = [record["loss"] for record in map(json.loads, (run_dir / LOG).read_text().splitlines()) if "loss" in record]
     assert len(losses) == 6
     assert losses[-1] < 0.85 * losses[0], losses
+
+
+def test_lr_mult_run_resumes_to_the_model_of_an_unbroken_run(project, monkeypatch):
+    """PSPNet's 10x groups with kernels-only decay (four groups): the checkpoint keeps each group's
+    multiplier, the resumed run keeps the ratio and ends with exactly the unbroken run's model."""
+    config = deep_merge(load_params().resolve("pspnet", "psp50", "tiny"),
+                        {"train": {"iterations": 8, "checkpoint_every": 4, "log_every": 2, "decay": "kernels"}})
+    reference_dir = project / "results" / "unbroken"
+    train(config, reference_dir / "model.pt", device="cpu")
+
+    run_dir = project / "results" / "resumed"
+    step, calls, rates = trainer.train_step, [], []
+
+    def recording_step(model, optimizer, *args, **kwargs):
+        result = step(model, optimizer, *args, **kwargs)
+        rates.append([g["lr"] for g in optimizer.param_groups])
+        return result
+
+    def dying_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:
+            raise Killed
+        return recording_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", dying_step)
+    with pytest.raises(Killed):
+        train(config, run_dir / "model.pt", device="cpu")
+    checkpoint = torch.load(run_dir / CHECKPOINT, weights_only=True)
+    assert checkpoint["iteration"] == 4
+    groups = checkpoint["optimizer"]["param_groups"]
+    assert [g["lr_mult"] for g in groups] == [1.0, 1.0, 10.0, 10.0]
+    assert [g["weight_decay"] for g in groups] == [1e-4, 0.0, 1e-4, 0.0]
+    assert [g["lr"] for g in groups] == [poly_lr(0.01, 3, 8, 0.9) * m for m in (1, 1, 10, 10)]
+
+    monkeypatch.setattr(trainer, "train_step", recording_step)
+    rates.clear()
+    assert train(config, run_dir / "model.pt", device="cpu")["resumed_from"] == 4
+    # The resumed steps (iterations 4..7) set every group at poly rate x its multiplier.
+    assert rates == [[poly_lr(0.01, iteration, 8, 0.9) * m for m in (1, 1, 10, 10)] for iteration in range(4, 8)]
+    ours = torch.load(run_dir / "model.pt", weights_only=True)["model"]
+    theirs = torch.load(reference_dir / "model.pt", weights_only=True)["model"]
+    different = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    assert not different, f"tensors differ after resuming: {different[:5]}"
+
+    # The multiplier matters: every layer at the base rate ends elsewhere.
+    flat_dir = project / "results" / "flat"
+    train(deep_merge(config, {"train": {"lr_mult": {"context": 1, "head": 1, "aux_head": 1}}}),
+          flat_dir / "model.pt", device="cpu")
+    flat = torch.load(flat_dir / "model.pt", weights_only=True)["model"]
+    assert any(not torch.equal(flat[k], theirs[k]) for k in theirs if k.startswith("head.") and theirs[k].is_floating_point())

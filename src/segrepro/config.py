@@ -172,7 +172,8 @@ class Params:
         """The complete configuration of one run: what the trainer reads and MLflow records.
         Layers, each over the last: the scale profile, the paper's refinement of it and of its
         `datasets` entry for the run's dataset, the training setting (and its scale entry), the
-        experiment, its scale entry and that entry's `datasets` entry."""
+        experiment, its scale entry and that entry's `datasets` entry. A paper's own `train` (its
+        recipe at every scale: PSPNet's learning-rate multipliers) comes right after the profile."""
         registry = self.paper(paper)
         overrides = self.experiment(paper, experiment)
         scale_profile = self.scale(scale)
@@ -183,7 +184,7 @@ class Params:
         # COCO-Stuff, Pascal-Context), applied right after it; an experiment's one comes last.
         paper_scale = registry.get("scales", {}).get(scale) or {}
         experiment_scale = overrides.get("scales", {}).get(scale) or {}
-        layers = (paper_scale, paper_scale.get("datasets", {}).get(name),
+        layers = ({"train": registry.get("train") or {}}, paper_scale, paper_scale.get("datasets", {}).get(name),
                   setting, setting.get("scales", {}).get(scale),
                   overrides, experiment_scale, experiment_scale.get("datasets", {}).get(name))
         for layer in layers:
@@ -235,6 +236,11 @@ def load_params(root: Path | str = ".", workflow: dict | None = None) -> Params:
     for name, dataset in datasets.items():
         validate(dataset, params_schema["$defs"]["dataset"] | {"$defs": params_schema["$defs"]},
                  f"params/datasets.yaml: {name}")
+    for name, scale in scales.items():
+        if "lr_mult" in scale["train"]:
+            raise SegreproError(
+                f"params/scales.yaml: {name}.train.lr_mult: learning-rate multipliers name a model's modules; "
+                "set them in params/papers/<paper>.yaml")
     archives = read_yaml(params_dir / "archives.yaml")
     for name, archive in archives.items():
         validate(archive, params_schema["$defs"]["archive"], f"params/archives.yaml: {name}")
@@ -245,6 +251,7 @@ def load_params(root: Path | str = ".", workflow: dict | None = None) -> Params:
         validate(registry, params_schema["$defs"]["paper"] | {"$defs": params_schema["$defs"]},
                  f"params/papers/{path.name}")
         _validate_models(registry, params_schema, f"params/papers/{path.name}")
+        _validate_lr_mult(registry, f"params/papers/{path.name}")
         papers[path.stem] = registry
 
     params = Params(root=root, workflow=workflow, scales=scales, datasets=datasets, papers=papers,
@@ -271,6 +278,35 @@ def _validate_models(registry: dict, params_schema: dict, where: str) -> None:
     for key, section in sections:
         if section is not None:
             validate(section, schema, where, prefix=key)
+
+
+def _train_sections(registry: dict) -> list[tuple[str, dict]]:
+    """(key, section) of every `train` section of a paper: its own, its settings', its scales',
+    its experiments' and their per-scale and per-dataset ones."""
+    layers = [("", registry)]
+    for name, setting in registry.get("settings", {}).items():
+        layers.append((f"settings.{name}.", setting))
+        layers += [(f"settings.{name}.scales.{scale}.", layer) for scale, layer in setting.get("scales", {}).items()]
+    layers += [(f"experiments.{name}.", experiment or {}) for name, experiment in registry["experiments"].items()]
+    for key, layer in _scale_layers(registry):
+        layers.append((f"{key}.", layer))
+        layers += [(f"{key}.datasets.{dataset}.", protocol or {})
+                   for dataset, protocol in layer.get("datasets", {}).items()]
+    return [(f"{key}train", (layer or {}).get("train")) for key, layer in layers if (layer or {}).get("train")]
+
+
+def _validate_lr_mult(registry: dict, where: str) -> None:
+    """Every `train.lr_mult` key must name a top-level module of the paper's model family."""
+    from segrepro.models import MODULE_NAMES  # no torch: the module names only
+
+    family = registry["model"]["family"]
+    known = MODULE_NAMES[family]
+    for key, train in _train_sections(registry):
+        for module in train.get("lr_mult") or {}:
+            if module not in known:
+                raise SegreproError(
+                    f"{where}: {key}.lr_mult: unknown module '{module}' of a {family} model "
+                    f"(known: {', '.join(known)})")
 
 
 def _scale_layers(registry: dict) -> list[tuple[str, dict]]:

@@ -96,36 +96,73 @@ def _iteration_seed(seed: int, iteration: int, rank: int = 0) -> int:
     return (seed * 1_000_003 + iteration + rank * 2**32) % (2**63)
 
 
-# Parameters AdamW leaves undecayed besides biases and norm weights (any parameter of ndim <= 1):
-# position tables, embeddings and the patch embedding of transformer backbones (as the HFGD
-# authors' AdamW).
+# Parameters `train.decay: kernels` leaves undecayed besides biases and norm weights (any parameter
+# of ndim <= 1): position tables, embeddings and the patch embedding of transformer backbones (as
+# the HFGD authors' AdamW, iSeg core_train.py).
 NO_DECAY_NAMES = ("relative_position_bias_table", "pos_embed", "cls_token", "patch_embed")
+DECAY_MODES = ("all", "kernels")
+OPTIMIZERS = ("sgd", "adamw")
 
 
-def decays(name: str, parameter: torch.nn.Parameter) -> bool:
-    """Whether AdamW applies weight decay to this named parameter."""
+def decays(name: str, parameter: torch.nn.Parameter, decay: str) -> bool:
+    """Whether weight decay applies to this named parameter under `train.decay`.
+
+    all: every parameter (torch's SGD weight_decay, as semseg tool/train.py and HRNet-OCR
+    tools/train.py). kernels: convolution and linear kernels only, not biases, norms or position
+    tables: the HFGD authors' Keras L2 regulariser, set on every layer's `kernel` (iSeg
+    utils/keras_ops.py set_weight_decay, decay_norm_vars False in CAR loaders/model_loader.py),
+    and the exclusions of their AdamW.
+    """
+    if decay == "all":
+        return True
     return parameter.ndim > 1 and not any(key in name for key in NO_DECAY_NAMES)
 
 
-def build_optimizer(model: torch.nn.Module, settings: dict) -> torch.optim.Optimizer:
-    """The optimizer the run's `train` settings name (`optimizer`, default "sgd").
+def parameter_groups(model: torch.nn.Module, settings: dict) -> list[dict]:
+    """The optimizer's parameter groups: one per (learning-rate multiplier, decayed or not).
 
-    sgd: momentum, weight decay on every parameter. adamw: decoupled weight decay, default betas,
-    two groups: decayed (param_groups[0]) and undecayed (param_groups[1], see `decays`).
-    The learning rate of every group is set at each step (poly decay).
+    `train.lr_mult` maps top-level modules of the model to a multiplier of the base rate (the
+    others: 1), as semseg's tool/train.py puts PSPNet's new layers (ppm, cls, aux) in groups at
+    base_lr * 10 and keeps that ratio at every poly step; each group carries its `lr_mult` and
+    `train_step` sets lr = poly rate x lr_mult. `train.decay` (see `decays`) gives the undecayed
+    parameters weight_decay 0. Groups come by multiplier, decayed first; empty ones are left out,
+    so SGD with decay `all` and no multiplier has the single group of torch's default.
+    """
+    multipliers = settings.get("lr_mult") or {}
+    known = {name for name, _ in model.named_children()} | set(getattr(model, "module_names", ()))
+    for module in multipliers:
+        if module not in known:
+            raise SegreproError(f"train.lr_mult: unknown module '{module}' (the model's: {', '.join(sorted(known))})")
+    decay = settings.get("decay", "all")
+    if decay not in DECAY_MODES:
+        raise SegreproError(f"train.decay {decay!r} is not one of: {', '.join(DECAY_MODES)}")
+    members: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        multiplier = float(multipliers.get(name.split(".", 1)[0], 1.0))
+        members.setdefault((multiplier, decays(name, parameter, decay)), []).append(parameter)
+    return [
+        {"params": params, "lr": settings["lr"] * multiplier, "lr_mult": multiplier,
+         "weight_decay": settings["weight_decay"] if decayed else 0.0}
+        for (multiplier, decayed), params in sorted(members.items(), key=lambda item: (item[0][0], not item[0][1]))
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, settings: dict) -> torch.optim.Optimizer:
+    """The optimizer the run's `train` settings name (`optimizer`, default "sgd") over the groups of
+    `parameter_groups` (`lr_mult`, `decay`).
+
+    sgd: momentum, coupled weight decay (the gradient gets weight_decay x w). adamw: decoupled
+    weight decay, default betas. The learning rate of every group is set at each step (poly decay
+    x the group's lr_mult).
     """
     name = settings.get("optimizer", "sgd")
+    if name not in OPTIMIZERS:
+        raise SegreproError(f"train.optimizer {name!r} is not one of: {', '.join(OPTIMIZERS)}")
+    groups = parameter_groups(model, settings)
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=settings["lr"], momentum=settings["momentum"],
+        return torch.optim.SGD(groups, lr=settings["lr"], momentum=settings["momentum"],
                                weight_decay=settings["weight_decay"])
-    if name == "adamw":
-        named = list(model.named_parameters())
-        groups = [
-            {"params": [p for n, p in named if decays(n, p)], "weight_decay": settings["weight_decay"]},
-            {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0},
-        ]
-        return torch.optim.AdamW(groups, lr=settings["lr"], weight_decay=settings["weight_decay"])
-    raise SegreproError(f"train.optimizer {name!r} is not one of: sgd, adamw")
+    return torch.optim.AdamW(groups, lr=settings["lr"], weight_decay=settings["weight_decay"])
 
 
 def fast_path(model: torch.nn.Module, fast: dict, device: torch.device) -> torch.nn.Module:
@@ -336,10 +373,12 @@ def _whole_image_logits(model: torch.nn.Module, image: torch.Tensor) -> torch.Te
 
 
 def train_step(model, optimizer, images, labels, lr: float, precision: str = "bf16") -> tuple[float, dict[str, float]]:
-    """One optimizer step at learning rate `lr` (in every parameter group). On CUDA the forward
-    pass runs under bf16 autocast unless `precision` is fp32; the loss is taken in fp32."""
+    """One optimizer step at base learning rate `lr`: each parameter group gets lr x its lr_mult
+    (1 for groups without one, e.g. a checkpoint of an older optimizer), as semseg's tool/train.py
+    sets base and 10x groups from the same poly rate. On CUDA the forward pass runs under bf16
+    autocast unless `precision` is fp32; the loss is taken in fp32."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
     net = getattr(model, "module", model)  # the model inside DDP (or torch.compile): its loss
     on_cuda = images.device.type == "cuda"
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=on_cuda and precision == "bf16"):

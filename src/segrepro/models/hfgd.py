@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from segrepro.errors import SegreproError
+from segrepro.models import MODULE_NAMES
 from segrepro.models.backbone import ISEG_MULTI_GRID, Backbone, ISegResNet
 from segrepro.models.car import car_losses
 from segrepro.models.encoders import AxialAttention, build_encoder
@@ -81,6 +82,8 @@ class HFGD(nn.Module):
     guidance (shared, detached class tokens; Sec. 3.1 "Guiding the upsampler"), stop_gradient
     ("Protecting pre-trained backbone"), axial_attention (on the upsampler's output, before the
     classifier). With no upsampler the model is the encoder's FCN (Table 1 columns 1 and 2)."""
+
+    module_names = MODULE_NAMES["hfgd"]  # what train.lr_mult may name
 
     def __init__(self, config: dict, num_classes: int, ignore_index: int = 255):
         super().__init__()

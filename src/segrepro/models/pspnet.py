@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from segrepro.models import MODULE_NAMES
 from segrepro.models.backbone import Backbone
 from segrepro.models.layers import conv_bn_relu
 from segrepro.models.losses import masked_cross_entropy
@@ -58,6 +59,8 @@ class SegmentationHead(nn.Module):
 class PSPNet(nn.Module):
     """Dilated ResNet (output stride 8) + pyramid pooling (head.type 'ppm') or nothing (head.type
     'fcn': the paper's "ResNet50-Baseline"), with the auxiliary loss on layer3 weighted by alpha."""
+
+    module_names = MODULE_NAMES["pspnet"]  # what train.lr_mult may name
 
     def __init__(self, config: dict, num_classes: int, ignore_index: int = 255):
         super().__init__()

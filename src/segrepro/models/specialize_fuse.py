@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segrepro.errors import SegreproError
+from segrepro.models import MODULE_NAMES
 from segrepro.models.hrnet import build_feature_extractor
 from segrepro.models.losses import masked_cross_entropy
 from segrepro.pyramid import (
@@ -226,6 +227,8 @@ class SemanticHead(nn.Module):
 class SpecializeFuse(nn.Module):
     """The full model of Fig. 2a; `forward` returns {"semantic": logits per predicted level,
     coarse -> fine, and for pyramidal output "unity": logits per level ℓ < L}."""
+
+    module_names = MODULE_NAMES["saf"]  # what train.lr_mult may name
 
     def __init__(self, config: dict, num_classes: int, ignore_index: int = 255):
         super().__init__()
