@@ -201,8 +201,9 @@ def test_saf_model_keys_are_checked_against_their_family(root, override, culprit
      "scales.paper.datasets.cocostuff10k.train.lr_mult: unknown module 'context' of a saf"),
     ("pspnet", {"train": {"lr_mult": {"head": 0}}}, "train.lr_mult.head: 0"),             # the schema: > 0
     ("hfgd", {"settings": {"plain": {"train": {"decay": "norms"}}}}, "decay: 'norms'"),
+    ("hfgd", {"model": {"loss": {"ce_normalization": "batch"}}}, "ce_normalization: 'batch'"),
 ])
-def test_lr_mult_and_decay_options_are_checked(root, paper, override, culprit):
+def test_lr_mult_decay_and_ce_options_are_checked(root, paper, override, culprit):
     edit_yaml(root / "params" / "papers" / f"{paper}.yaml", override)
     assert f"{paper}.yaml" in one_line_error(root, culprit)
 

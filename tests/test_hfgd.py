@@ -181,3 +181,45 @@ def test_table9_counts_are_within_3_percent_of_the_papers(params, row):
     model = params.resolve("hfgd", row["experiment"], "paper")["model"]
     ours = count_macs(model, settings["num_classes"], settings["input_size"])["gmacs"]
     assert ours == pytest.approx(row["paper"]["gmacs"], rel=0.03)
+
+
+# ----------------------------------------------------------------------------- CE normalisation
+
+def test_cross_entropy_normalisation_by_hand():
+    """Two valid pixels (CE ln 2 and ln 4) and two ignored ones: the sum 3 ln 2 over the 2 valid
+    pixels (torch's mean) or over all 4 (the HFGD authors' Keras mean)."""
+    from math import log
+
+    from segrepro.models.losses import masked_cross_entropy
+
+    labels = torch.tensor([[[0, 1, 255, 255]]])
+    logits = torch.tensor([[[[0.0, log(3.0), 5.0, -5.0]], [[0.0, 0.0, -5.0, 5.0]]]])  # (1, 2, 1, 4)
+    valid = masked_cross_entropy(logits, labels, 255)
+    assert valid.item() == pytest.approx(3 * log(2) / 2, rel=1e-6)
+    assert masked_cross_entropy(logits, labels, 255, "valid_pixels").item() == valid.item()
+    assert masked_cross_entropy(logits, labels, 255, "all_pixels").item() == pytest.approx(3 * log(2) / 4, rel=1e-6)
+    # No valid pixel: 0 either way, not NaN.
+    nothing = torch.full_like(labels, 255)
+    assert masked_cross_entropy(logits, nothing, 255).item() == 0.0
+    assert masked_cross_entropy(logits, nothing, 255, "all_pixels").item() == 0.0
+    with pytest.raises(SegreproError, match="'batch'"):
+        masked_cross_entropy(logits, labels, 255, "batch")
+
+
+def test_hfgds_cross_entropies_are_divided_by_all_pixels(params):
+    """The default (the authors' code) divides both cross-entropies, the prediction's and the guiding
+    branch's, by every pixel; the open-defaults experiment by the valid ones; PSPNet keeps torch's mean.
+    Uniform logits over 5 classes: each valid pixel costs ln 5; 3 of 8 pixels are valid."""
+    from math import log
+
+    labels = torch.full((2, 1, 4), 255)
+    labels[0, 0, :3] = torch.tensor([0, 1, 4])
+    outputs = {"out": torch.zeros(2, NUM_CLASSES, 1, 4), "guide": torch.zeros(2, NUM_CLASSES, 1, 4)}
+    _, parts = tiny_model(params, "usfpn_cae_hfgm").loss(outputs, labels)
+    assert parts["main"].item() == pytest.approx(3 * log(5) / 8, rel=1e-6)
+    assert parts["guide"].item() == pytest.approx(3 * log(5) / 8, rel=1e-6)
+    _, parts = tiny_model(params, "usfpn_cae_hfgm_ce_valid").loss(outputs, labels)
+    assert parts["main"].item() == pytest.approx(log(5), rel=1e-6)
+    pspnet = build_model(params.resolve("pspnet", "psp50", "tiny")["model"], NUM_CLASSES)
+    _, parts = pspnet.loss({"out": outputs["out"]}, labels)
+    assert parts["main"].item() == pytest.approx(log(5), rel=1e-6)

@@ -94,6 +94,7 @@ class HFGD(nn.Module):
         loss = config.get("loss", {})
         self.guide_weight = float(loss.get("guide_weight", 1.0))
         self.car_weight = float(loss.get("car_weight", 1.0))
+        self.ce_normalization = loss.get("ce_normalization", "valid_pixels")
 
         self.backbone = StageBackbone(config["backbone"])
         deepest_stride = self.backbone.strides[-1]
@@ -167,11 +168,13 @@ class HFGD(nn.Module):
 
     def loss(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Cross-entropy of the prediction, + guide_weight x that of the guiding branch (its only
-        training signal, with CAR's), + car_weight x (intra + centre-to-centre + centre-to-pixel)."""
-        parts = {"main": masked_cross_entropy(outputs["out"], labels, self.ignore_index)}
+        training signal, with CAR's), + car_weight x (intra + centre-to-centre + centre-to-pixel).
+        Each cross-entropy is divided by the pixels `loss.ce_normalization` names (the authors':
+        all of them, see masked_cross_entropy)."""
+        parts = {"main": masked_cross_entropy(outputs["out"], labels, self.ignore_index, self.ce_normalization)}
         total = parts["main"]
         if "guide" in outputs:
-            parts["guide"] = masked_cross_entropy(outputs["guide"], labels, self.ignore_index)
+            parts["guide"] = masked_cross_entropy(outputs["guide"], labels, self.ignore_index, self.ce_normalization)
             total = total + self.guide_weight * parts["guide"]
         if "car_features" in outputs:
             car = car_losses(outputs["car_features"], labels, self.num_classes, self.ignore_index)
