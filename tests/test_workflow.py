@@ -395,14 +395,14 @@ def test_dry_run_of_every_target(project, scale):
     assert result.returncode == 0, result.stdout[-5000:]
     stats = job_stats(result.stdout)
     # PSPNet: 15 experiments (14 and 1 of its open defaults), 19 (experiment, protocol) evaluations
-    # (table3 also tests 4 runs with `ms`); SaF: A-K and 3 variants of its open defaults single-scale,
+    # (table3 also tests 4 runs with `ms`); SaF: A-K and 4 variants of its open defaults single-scale,
     # the two SOTA runs multi-scale (at paper scale on each dataset of Tables 1, 3 and 4: 2 x 3 runs);
     # HFGD: the 49 ResNet/Swin experiments its ablation tables name (its open defaults and Table 9's
     # counted SemanticFPN included), single-scale, the ConvNeXt OS 4 and OS 2 runs
     # single- and multi-scale (Tables 10-16), and at paper scale 3 more on Cityscapes (Table 12),
     # 4 on COCO-Stuff 10k (Table 17), the OS 4 run on each dataset of Tables 10, 11, 13, 15, 16.
     paper = scale == "paper"
-    saf = 14 + 2 * (3 if paper else 1)
+    saf = 15 + 2 * (3 if paper else 1)
     hfgd_train = 49 + 2 + (3 + 4 + 4 if paper else 0)
     hfgd_evaluate = 49 + 4 + (3 + 4 + 2 * 4 if paper else 0)
     # 23 ablation tables (with the three papers' open defaults), 7 SOTA ones (SaF 1, 3, 4; HFGD 10,
