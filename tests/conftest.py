@@ -1,7 +1,7 @@
 """Shared fixtures: a throw-away copy of the project, a generated dataset, an MLflow store.
 
 Fixtures
-  project          a tmp folder laid out like the repository (Snakefile, workflow/, params/, src/),
+  project          a tmp folder laid out like the repository (Snakefile, profiles/, workflow/, params/, src/),
                    with data/synthetic-tiny/ in place, as the current directory; MLflow logs into
                    an SQLite file of its own. Returns the folder (a Path).
   tiny_dataset     the `synthetic-tiny` dataset of params/datasets.yaml, generated once per session
@@ -40,13 +40,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_ENTRIES = ("Snakefile", "workflow", "params", "src")
+PROJECT_ENTRIES = ("Snakefile", "profiles", "workflow", "params", "src")
 TINY = "synthetic-tiny"
 _IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".snakemake")
 
 
 def copy_project(root: Path) -> None:
-    """Copy what the workflow needs (Snakefile, workflow/, params/, src/) into a new folder."""
+    """Copy what the workflow needs (Snakefile, profiles/, workflow/, params/, src/) into a new folder."""
     root.mkdir(parents=True)
     for name in PROJECT_ENTRIES:
         source = REPO / name
@@ -106,7 +106,7 @@ def mlflow_store_template(tmp_path_factory) -> Path:
 def project(tmp_path, monkeypatch, tiny_dataset, mlflow_store_template) -> Path:
     """A fresh copy of the project in `tmp_path / "project"`, made the current directory.
 
-    - Snakefile, workflow/, params/ and src/ are copied from the repository (params unchanged:
+    - Snakefile, profiles/, workflow/, params/ and src/ are copied from the repository (params unchanged:
       scale `demo` by default, so pass `--scale tiny` or `--config scale=tiny`).
     - data/synthetic-tiny/ holds a copy of the session's generated dataset (a prepared dataset:
       its card carries the content fingerprint). Other datasets are not there.
