@@ -19,7 +19,7 @@ from segrepro import cli, paths, tracking
 from segrepro.config import deep_merge, load_params
 from segrepro.data import IterationBatchSampler, load_card
 from segrepro.evaluate import evaluate_run
-from segrepro.train import CHECKPOINT, LOG, poly_lr, train
+from segrepro.train import CHECKPOINT, COMPLETE, LOG, poly_lr, train
 
 RUN = ("--paper", "pspnet", "--experiment", "psp50", "--scale", "tiny", "--threads", "1")
 
@@ -197,6 +197,7 @@ def test_checkpoint_of_another_configuration_or_unreadable_is_not_resumed(projec
     assert 99.0 not in [r["loss"] for r in read_log(run_dir)]
     assert (run_dir / tracking.RUN_ID_FILE).read_text().strip() != "not-a-run"
 
+    (run_dir / COMPLETE).unlink()  # else the finished model is published again, not trained
     (run_dir / CHECKPOINT).write_bytes(b"truncated")
     assert train(config, run_dir / "model.pt", device="cpu")["resumed_from"] == 0
     assert "is unreadable; starting from iteration 0" in capsys.readouterr().err

@@ -247,6 +247,15 @@ def agree_on_stop(received: list[int], ctx: Context) -> list[int]:
     return [int(flag)] if int(flag) else []
 
 
+def every_rank_agrees(ok: bool, ctx: Context) -> bool:
+    """Whether `ok` holds on every rank (the same answer on all of them)."""
+    if not ctx.distributed:
+        return ok
+    flag = torch.tensor([int(ok)], device=ctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(int(flag))
+
+
 def same_on_every_rank(value: int, what: str, ctx: Context) -> None:
     """An error unless every rank holds the same integer `value`."""
     if not ctx.distributed:

@@ -8,6 +8,7 @@ RAW = DATA / "raw"  # downloaded archives, kept out of data.dvc (see .dvcignore)
 ARCHIVE_LOCK = Path("params") / "archives.lock.yaml"
 RESULTS = Path("results")
 TRAIN_LOG = "train_log.jsonl"  # in a run's folder: JSON lines of loss/lr and of the curve's val mIoU
+PROGRESS = "progress.jsonl"  # in a run's folder: its trainer's progress lines (segrepro.controller prints them)
 
 
 def dataset_root(dataset: str) -> Path:

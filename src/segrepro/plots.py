@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from segrepro import atomic
+from segrepro.errors import SegreproError
 
 
 def _pyplot():
@@ -34,7 +35,23 @@ def read_log(path: Path) -> list[dict]:
     val_miou every val_every ones (separate records)."""
     if not Path(path).exists():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    text = Path(path).read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        # A torn last line (killed or out of disk mid-write): dropped; a resumed run writes it again.
+        lines.pop()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):
+                raise SegreproError(f"{path}: line {number} is not JSON; delete the file (and the run's "
+                                    "checkpoint) to train the run again") from None
+            # The last line, cut short by a crash (a newline came from an earlier partial write).
+    return records
 
 
 def plot_training_curve(records: list[dict], out: Path, title: str, final_miou: dict[str, float] | None = None) -> None:

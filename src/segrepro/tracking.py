@@ -316,6 +316,7 @@ class Run:
         self.run_id: str | None = None
         self._pending: list = []
         self._flushed_at = time.monotonic()
+        self._logged: set[tuple[str, int]] | None = None  # (key, step) in the store: log_metrics_once
 
     def __enter__(self) -> "Run":
         if not enabled():
@@ -364,6 +365,24 @@ class Run:
         if len(self._pending) >= FLUSH_AT or time.monotonic() - self._flushed_at >= FLUSH_EVERY_S:
             self.flush()
 
+    def log_metrics_once(self, metrics: dict[str, float], step: int) -> None:
+        """log_metrics, leaving out each metric the run already holds at this step: a resumed or
+        replayed training (see segrepro.train) then ends with exactly one value per metric and
+        step, as an unbroken run, however often it was killed before or after a flush."""
+        if self.store is None:
+            return
+        if self._logged is None:
+            self._logged = self._steps_in_store()
+        new = {key: value for key, value in metrics.items() if (key, step) not in self._logged}
+        self._logged.update((key, step) for key in new)
+        if new:
+            self.log_metrics(new, step=step)
+
+    def _steps_in_store(self) -> set[tuple[str, int]]:
+        keys = _retry(self.store.get_run, self.run_id).data.metrics
+        return {(key, metric.step) for key in keys
+                for metric in _retry(self.store.get_metric_history, self.run_id, key)}
+
     def flush(self) -> None:
         """Write the buffered metrics (one transaction per MAX_METRICS of them)."""
         while self._pending:
@@ -374,6 +393,19 @@ class Run:
     def log_artifact(self, path: Path) -> None:
         if self.store is not None:
             _retry(self.store.log_artifact, self.run_id, str(path))
+
+
+def run_tag(run_dir: Path, key: str) -> str | None:
+    """Tag `key` of the MLflow run of a run folder; None when tracking is off, the folder has no
+    run or the run no such tag."""
+    id_file = Path(run_dir) / RUN_ID_FILE
+    if not enabled() or not id_file.exists():
+        return None
+    store = client()
+    run_id = id_file.read_text().strip()
+    if not _run_exists(store, run_id):
+        return None
+    return _retry(store.get_run, run_id).data.tags.get(key)
 
 
 def _run_exists(store, run_id: str) -> bool:

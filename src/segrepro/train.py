@@ -9,11 +9,14 @@ log also gets the mIoU of a few validation images every so often: the training c
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import math
 import os
 import resource
 import signal
+import socket
 import sys
 import threading
 import time
@@ -34,6 +37,18 @@ from segrepro.provenance import config_hash, git_commit, training_config
 CHECKPOINT = "checkpoint.pt"
 LOG = paths.TRAIN_LOG
 CURVE = "training_curve.png"
+# The finished model's second name (a hard link: no extra disk): Snakemake deletes model.pt when
+# it reruns a job its crashed controller never saw finish (--rerun-incomplete); the rerun's
+# trainer then finds this, made by the same configuration, code and data, and publishes it
+# again in seconds instead of training again.
+COMPLETE = "complete.pt"
+# Held (flock) by the trainer that owns the folder, released by the kernel when it dies;
+# holds "PID <pid> on <host>" for the one-line error of a second trainer.
+LOCK = "trainer.lock"
+# The trainer's state at its start, every PROGRESS_STEP of its iterations and at the end, for
+# the workflow's progress lines on the terminal (segrepro.progress).
+PROGRESS = paths.PROGRESS
+PROGRESS_STEP = 0.1
 # The exit code of a job stopped by SIGTERM/SIGUSR1 after writing its checkpoint: EX_TEMPFAIL
 # ("try again later"), nonzero so that Snakemake retries (--retries) and SLURM's requeue reruns it.
 PREEMPTED_EXIT = 75
@@ -51,7 +66,11 @@ class Preempted(KeyboardInterrupt):
 def _ignore_stop_signals(_worker_id: int) -> None:
     """In a loader worker (after torch set its handlers): outlive a stop signal from anyone but
     the trainer, while a SIGTERM from the trainer (its loader's or the interpreter's shutdown)
-    still ends the worker. A Python handler cannot see the sender, so a thread waits for them."""
+    still ends the worker. A Python handler cannot see the sender, so a thread waits for them.
+    Also drop the worker's inherited copy of the run folder's lock: a trainer killed with -9
+    frees its folder at once, not only when its orphaned workers notice."""
+    for handle in _held_locks:
+        handle.close()
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     threading.Thread(target=_wait_for_the_parents_stop, daemon=True).start()
 
@@ -196,20 +215,172 @@ def _save(obj, path: Path) -> None:
     atomic.write_with(path, lambda tmp: torch.save(obj, tmp))
 
 
+_held_locks: list = []  # the open lock files of this process (see _ignore_stop_signals)
+
+
+@contextmanager
+def _owning(run_dir: Path, ctx):
+    """Hold the run folder's lock (rank 0 of a multi-process run, for all of them): a second
+    trainer in the same folder (an orphan of a killed workflow still running, another host on a
+    shared filesystem) stops with one line naming the holder. Then clear the temporary files a
+    killed save left (no writer of the folder is alive)."""
+    handle, holder = None, None
+    if ctx.main:
+        handle = open(run_dir / LOCK, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            handle = None
+        else:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+            _held_locks.append(handle)
+            atomic.remove_stale_temporaries(run_dir, everyone=True)
+    if not distributed.every_rank_agrees(holder is None, ctx):
+        distributed.fail_together(f"{run_dir} is being trained by {holder} (lock {run_dir / LOCK}); "
+                                  "wait for it to end or stop it, then run again", ctx)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            _held_locks.remove(handle)
+            handle.close()  # releases the lock
+
+
+def job_key(config: dict, card: dict, digest: str) -> str:
+    """What a finished model is a function of: the training configuration, the dataset's content
+    and the source of the code that trains it (the files the workflow declares as the train
+    rule's code inputs, read from the package actually running)."""
+    import segrepro
+    from segrepro.codedeps import stage_sources
+
+    root = Path(segrepro.__file__).resolve().parent.parent
+    code = hashlib.sha256()
+    for source in stage_sources("train", config["model"]["family"], str(root)):
+        code.update(str(Path(source).relative_to(root)).encode() + b"\0" + Path(source).read_bytes())
+    return config_hash({"training": digest, "data": str(card.get("content_sha256", "")),
+                        "code": code.hexdigest()})
+
+
+def _run_tags(config: dict, card: dict, digest: str, device: str, tables) -> dict:
+    return {
+        "paper": config["paper"], "experiment": config["experiment"], "scale": config["scale"],
+        "dataset": config["dataset"]["name"], "seed": str(config["seed"]),
+        # Which version of the data: the card's fingerprint of every image, label and split list.
+        "dataset_sha256": str(card.get("content_sha256", "")),
+        "backbone": config["model"]["backbone"]["name"], "git_commit": git_commit(),
+        "config_hash": digest, "tables": ",".join(tables), "device": device,
+        # One tag per table, so that the UI's search (tags.table_table6 = 'yes') lines up a table's runs.
+        **{tracking.table_tag(table): "yes" for table in tables},
+    }
+
+
+def _replay(mlrun, records: list[dict]) -> None:
+    """Log the records of train_log.jsonl that the MLflow run lacks (metrics still buffered when
+    a trainer was killed): the resumed run ends with every metric of an unbroken one."""
+    for record in records:
+        mlrun.log_metrics_once({k: v for k, v in record.items() if k != "iteration"}, step=record["iteration"])
+
+
+class _Progress:
+    """progress.jsonl of a run folder, begun anew by each trainer: a line at the start, whenever
+    another PROGRESS_STEP of the iterations is done, and at the end. segrepro.controller prints
+    them on the workflow's terminal."""
+
+    def __init__(self, run_dir: Path, name: str, iterations: int, start: int, enabled: bool = True,
+                 state: str | None = None):
+        self.path, self.name, self.iterations, self.start = run_dir / PROGRESS, name, iterations, start
+        self.enabled, self.began = enabled, time.time()
+        self.shown = int(start / iterations / PROGRESS_STEP)
+        if enabled:
+            self.path.unlink(missing_ok=True)
+        self.write(start, state=state or ("resumed" if start else "started"))
+
+    def write(self, iteration: int, state: str = "running", loss: float | None = None) -> None:
+        if not self.enabled:
+            return
+        record = {"run": self.name, "state": state, "iteration": iteration, "iterations": self.iterations,
+                  "resumed_from": self.start, "pid": os.getpid(), "started": self.began,
+                  "updated": time.time(), "loss": loss}
+        with open(self.path, "a") as handle:  # one short line per write: readers never see half
+            handle.write(json.dumps(record) + "\n")
+
+    def update(self, iteration: int, loss: float) -> None:
+        step = int(iteration / self.iterations / PROGRESS_STEP)
+        if step > self.shown and iteration < self.iterations:
+            self.shown = step
+            self.write(iteration, loss=loss)
+
+
 def train(config: dict, output: Path, device: str | None = None, tables: list[str] = ()) -> dict:
     """Train one run and write its final model to `output` (a file in the run's folder, beside
-    the resumable checkpoint, the JSON-lines log and the MLflow run id). Returns a summary."""
+    the resumable checkpoint, the JSON-lines log and the MLflow run id). Returns a summary.
+
+    The folder is locked while its trainer runs. A finished model of the same job key (the
+    configuration, data and code) already in the folder (COMPLETE) is published again instead of
+    trained again, its MLflow run completed from the log if a crash left it short."""
     output = Path(output)
     run_dir = output.parent
     run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = distributed.setup(pick_device(device))  # torchrun: this process's rank and GPU
+    with _owning(run_dir, ctx):
+        card = load_card(config["dataset"]["root"])
+        key = job_key(config, card, config_hash(training_config(config)))
+        finished = _finished_record(run_dir, key)
+        if finished is None:
+            return _train(config, output, ctx, card, key, tables)
+        if ctx.main:
+            _adopt(config, output, finished, card, tables)
+        return finished["summary"]
+
+
+def _finished_record(run_dir: Path, key: str) -> dict | None:
+    path = run_dir / COMPLETE
+    if not path.exists():
+        return None
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None  # torn or foreign: trained again, and then replaced
+    return record if record.get("job_key") == key else None
+
+
+def _adopt(config: dict, output: Path, record: dict, card: dict, tables) -> None:
+    """Finish what a killed job left of a finished training: the curve, the MLflow run (every
+    metric of the log, FINISHED), the model at `output` (COMPLETE's second name), no checkpoint."""
+    run_dir = output.parent
+    name = f"{config['paper']}/{config['experiment']}"
+    print(f"{name}: {run_dir / COMPLETE} holds the finished model of this configuration, code and data "
+          "(an earlier job's): published, not trained again", file=sys.stderr)
+    from segrepro.plots import plot_training_curve, read_log
+
+    records = read_log(run_dir / LOG)
+    if not (run_dir / CURVE).exists():
+        plot_training_curve(records, run_dir / CURVE, name)
+    summary = record["summary"]
+    tags = _run_tags(config, card, record["config_hash"], summary["device"], tables)
+    with tracking.Run(run_dir, config, tags) as mlrun:
+        _replay(mlrun, records)
+        mlrun.log_metrics_once({"train_seconds": summary["train_seconds"]}, step=0)
+        mlrun.log_artifact(run_dir / CURVE)
+    atomic.link_or_copy(run_dir / COMPLETE, output)
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    _Progress(run_dir, name, summary["iterations"], summary["iterations"], state="published")
+
+
+def _train(config: dict, output: Path, ctx, card: dict, key: str, tables) -> dict:
+    run_dir = output.parent
     settings = config["train"]
     iterations = settings["iterations"]
-    ctx = distributed.setup(pick_device(device))  # torchrun: this process's rank and GPU
     dev = ctx.device
     distributed.local_batch_size(settings["batch_size"], ctx, f"{config['paper']}/{config['experiment']}")
     digest = config_hash(training_config(config))
 
-    card = load_card(config["dataset"]["root"])
     torch.manual_seed(config["seed"])
     model = build_model(config["model"], card["num_classes"], card["ignore_index"]).to(dev)
     coarsest = max(getattr(model, "strides", (1,)))
@@ -225,18 +396,22 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
     channels_last = bool(fast.get("channels_last", False))
     precision = fast.get("precision", "bf16")
 
-    start = 0
+    start, resumed_window = 0, []
     state = _load_checkpoint(run_dir / CHECKPOINT, digest)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["iteration"]
+        # The losses since the last log line: the next logged mean is an unbroken run's.
+        resumed_window = list(state.get("window", []))
         if ctx.main:
             print(f"resuming {config['paper']}/{config['experiment']} from iteration {start} "
                   f"(checkpoint {run_dir / CHECKPOINT})", file=sys.stderr)
     elif ctx.main:
-        # A fresh start gets a fresh MLflow run and log, not the leftovers of another configuration.
-        (run_dir / tracking.RUN_ID_FILE).unlink(missing_ok=True)
+        # A fresh start gets a fresh log, and a fresh MLflow run unless the folder's run is of this
+        # very configuration (killed before its first checkpoint: one MLflow run per folder).
+        if tracking.run_tag(run_dir, "config_hash") != digest:
+            (run_dir / tracking.RUN_ID_FILE).unlink(missing_ok=True)
         (run_dir / LOG).unlink(missing_ok=True)
     distributed.same_on_every_rank(start, f"the iteration to resume from ({run_dir / CHECKPOINT})", ctx)
     if ctx.main:
@@ -257,23 +432,18 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
     # process of the job: they must live on to serve the batches up to the checkpoint.
     loader.worker_init_fn = _ignore_stop_signals
     loader = distributed.shard_loader(loader, ctx)  # each process: its slice of the global batch
-    tags = {
-        "paper": config["paper"], "experiment": config["experiment"], "scale": config["scale"],
-        "dataset": config["dataset"]["name"], "seed": str(config["seed"]),
-        # Which version of the data: the card's fingerprint of every image, label and split list.
-        "dataset_sha256": str(card.get("content_sha256", "")),
-        "backbone": config["model"]["backbone"]["name"], "git_commit": git_commit(),
-        "config_hash": digest, "tables": ",".join(tables), "device": str(dev),
-        # One tag per table, so that the UI's search (tags.table_table6 = 'yes') lines up a table's runs.
-        **{tracking.table_tag(table): "yes" for table in tables},
-    }
+    tags = _run_tags(config, card, digest, str(dev), tables)
+    name = f"{config['paper']}/{config['experiment']}"
     began = time.time()
     with _stop_requests() as stop, distributed.main_only(tracking.Run(run_dir, config, tags), ctx) as mlrun:
+        if ctx.main:
+            _replay(mlrun, _read_log(run_dir / LOG))
+        milestones = _Progress(run_dir, name, iterations, start, enabled=ctx.main)
         model.train()
         with tqdm(total=iterations, initial=start, desc=f"{config['paper']}/{config['experiment']}",
                   file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 15.0, unit="it",
                   disable=not ctx.main) as progress:
-            window: list[float] = []
+            window: list[float] = resumed_window
             iteration = start
             for images, labels, _ids in _batches(loader):
                 lr = poly_lr(settings["lr"], iteration, iterations, settings["poly_power"])
@@ -298,16 +468,19 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
                     progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
                     if ctx.main:
                         _append(run_dir / LOG, record)
-                    mlrun.log_metrics({k: v for k, v in record.items() if k != "iteration"}, step=iteration)
+                    mlrun.log_metrics_once({k: v for k, v in record.items() if k != "iteration"}, step=iteration)
+                    milestones.update(iteration, record["loss"])
                 if curve and (iteration % settings["val_every"] == 0 or iteration == iterations):
                     record = {"iteration": iteration, "val_miou": curve.miou(model)}
                     _append(run_dir / LOG, record)
-                    mlrun.log_metrics({"val_miou": record["val_miou"]}, step=iteration)
+                    mlrun.log_metrics_once({"val_miou": record["val_miou"]}, step=iteration)
                 stop_now = distributed.agree_on_stop(stop, ctx)  # every rank stops at the same iteration
                 if (ctx.main and (iteration % settings["checkpoint_every"] == 0 or stop_now)
                         and iteration < iterations):
                     _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "iteration": iteration, "config_hash": digest}, run_dir / CHECKPOINT)
+                           "iteration": iteration, "config_hash": digest, "window": list(window)},
+                          run_dir / CHECKPOINT)
+                    mlrun.flush()  # the MLflow run in step with the checkpoint
                 if stop_now and iteration < iterations:
                     raise Preempted(
                         f"{config['paper']}/{config['experiment']} stopped by "
@@ -322,18 +495,23 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
             summary["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
         # The process's peak resident memory (Linux: KiB), the CPU counterpart of the above.
         summary["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        mlrun.log_metrics({"train_seconds": seconds})
+        mlrun.log_metrics_once({"train_seconds": seconds}, step=0)
         if ctx.main:
+            # Written first under its second name: from here on, a rerun never trains again.
             _save({"model": model.state_dict(), "config": config, "config_hash": digest,
                    "num_classes": card["num_classes"], "ignore_index": card["ignore_index"],
-                   "class_names": card["class_names"], "summary": summary}, output)
-            from segrepro.plots import plot_training_curve, read_log
+                   "class_names": card["class_names"], "summary": summary, "job_key": key},
+                  run_dir / COMPLETE)
+            from segrepro.plots import plot_training_curve
 
-            plot_training_curve(read_log(run_dir / LOG), run_dir / CURVE, f"{config['paper']}/{config['experiment']}")
+            plot_training_curve(_read_log(run_dir / LOG), run_dir / CURVE, name)
             mlrun.log_artifact(run_dir / CURVE)
-    # The final model supersedes the checkpoint; keeping both would double the disk use.
     if ctx.main:
+        # The model appears once its MLflow run is complete; the final model supersedes the
+        # checkpoint (keeping both would double the disk use).
+        atomic.link_or_copy(run_dir / COMPLETE, output)
         (run_dir / CHECKPOINT).unlink(missing_ok=True)
+        milestones.write(iterations, "done")
     return summary
 
 
@@ -405,13 +583,19 @@ def _append(log: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def _read_log(path: Path) -> list[dict]:
+    from segrepro.plots import read_log  # tolerates a torn last line
+
+    return read_log(path)
+
+
 def _truncate_log(path: Path, iteration: int) -> None:
-    """Drop log lines written after the checkpoint a resumed run starts from."""
+    """Drop log lines written after the checkpoint a resumed run starts from, and a last line
+    torn by a crash (the resumed run writes it again)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line and json.loads(line)["iteration"] <= iteration]
-    atomic.write_text(path, "".join(line + "\n" for line in kept))
+    kept = [record for record in _read_log(path) if record["iteration"] <= iteration]
+    atomic.write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 def load_model(path: Path, device: str | None = None):
