@@ -1,8 +1,9 @@
 # Shared by every rule: the validated params/, the chosen scale/dataset/seeds, and input functions.
 import re
 import shlex
+import sys
 
-from segrepro import paths, tracking
+from segrepro import controller, paths, tracking
 from segrepro.codedeps import stage_sources
 from segrepro.config import load_params
 from segrepro.efficiency import efficiency_path
@@ -16,6 +17,18 @@ try:
     tracking.use_uri(PARAMS.workflow["mlflow_uri"])
 except SegreproError as err:
     raise WorkflowError(str(err)) from None
+
+if workflow.is_main_process:
+    COMMAND_LINE = controller.command_line()
+    # An unknown table or figure: one line, not a traceback of an input function.
+    UNKNOWN = controller.unknown_target(COMMAND_LINE.get("targets", []), PARAMS.table_names(), PARAMS.figure_names())
+    if UNKNOWN:
+        print(f"segrepro: {UNKNOWN}", file=sys.stderr)
+        raise SystemExit(1)
+    if COMMAND_LINE and not COMMAND_LINE["dryrun"] and not COMMAND_LINE["nolock"]:
+        # A controller killed earlier left Snakemake's lock behind: the plain rerun clears it.
+        for stale in controller.take_over_workdir():
+            print(f"segrepro: removed {stale}, left by a Snakemake run that was killed", file=sys.stderr)
 
 SCALE = PARAMS.workflow["scale"]
 SEEDS = PARAMS.workflow["seeds"]
@@ -39,6 +52,16 @@ wildcard_constraints:
 
 onstart:
     shell("segrepro tracking-init")
+    # One line per training at its start, every 10 % and at its end (the jobs' own output goes to logs/).
+    controller.watch_progress()
+
+
+onsuccess:
+    controller.finish_progress()
+
+
+onerror:
+    controller.finish_progress()
 
 
 def family_code(stage, paper_of=lambda wildcards: wildcards.paper):
