@@ -232,3 +232,32 @@ def test_unprepared_datasets_use_their_declaration(project):
     assert len(plan.split_sizes(params, "synthetic-tiny", "val").sizes) == 4  # prepared: read
     with pytest.raises(SegreproError, match="no split 'test'"):
         plan.split_sizes(params, "pascal_context", "test")
+
+
+def test_calibration_uses_the_jobs_threads():
+    """plan and calibrate time the steps with the torch threads of the jobs they estimate."""
+    for rule in ("train", "eval"):
+        text = (Path(__file__).resolve().parents[1] / "workflow" / "rules" / f"{rule}.smk").read_text()
+        assert re.findall(r"^\s+threads: (\d+)$", text, re.MULTILINE) == [str(plan.JOB_THREADS)], rule
+
+
+def test_a_calibration_under_load_says_so_and_is_measured_again_when_quiet(monkeypatch, tmp_path):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (13.6, 12.0, 9.0))
+    busy = plan.machine_load(1)
+    assert busy == {"load_1min": 13.6, "cpus": 2, "threads": 1, "under_load": True}
+    entry = {"run": "pspnet/psp50", "step_seconds": 3.0, "machine_load": busy}
+    assert plan.load_note(entry) == "load 13.6 on 2 CPUs"
+
+    measured = []
+    monkeypatch.setattr(plan, "calibrate_run", lambda *args: measured.append(args) or {
+        "run": "pspnet/psp50", "step_seconds": 1.0, "machine_load": plan.machine_load(1)})
+    monkeypatch.setattr(plan, "calibration_path", lambda device: tmp_path / "calibration.json")
+    monkeypatch.setattr(plan, "signature", lambda *args: "key")
+    # Still busy: the stored entry is used (the plan's assumptions list it as under load).
+    assert plan._calibration_for({}, 3, "cpu", "cpu", {"key": entry}, {}, False, 1, None) is entry
+    assert not measured
+    # Quiet now: measured again.
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.5, 0.6))
+    again = plan._calibration_for({}, 3, "cpu", "cpu", {"key": entry}, {}, False, 1, None)
+    assert len(measured) == 1 and again["step_seconds"] == 1.0 and plan.load_note(again) is None

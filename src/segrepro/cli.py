@@ -47,9 +47,10 @@ def _run_arguments(parser: argparse.ArgumentParser, seed: bool = True) -> None:
         parser.add_argument("--seed", type=int, default=None, help="default: the first of config seeds")
 
 
-def _device_arguments(parser: argparse.ArgumentParser) -> None:
+def _device_arguments(parser: argparse.ArgumentParser,
+                      threads_help: str = "CPU threads for torch (default: torch's choice)") -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--threads", type=int, help=threads_help)
 
 
 def _claim_devices(params: Params, args) -> None:
@@ -163,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--scale")
     plan.add_argument("--dataset")
     plan.add_argument("--seeds", type=int, nargs="+")
-    _device_arguments(plan)
+    _device_arguments(plan, threads_help="CPU threads of the calibration (default: the jobs' own, 1)")
     plan.add_argument("--gpus", type=int, default=1, help="GPUs running jobs at once, for the wall time (default 1)")
     plan.add_argument("--recalibrate", action="store_true", help="measure again even if a calibration is stored")
     plan.add_argument("--steps", type=int, default=5, help="timed training steps of a calibration (default 5)")
@@ -173,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     calibrate = commands.add_parser("calibrate", help="measure a run's training and inference throughput (a few steps)")
     _run_arguments(calibrate, seed=False)
-    _device_arguments(calibrate)
+    _device_arguments(calibrate, threads_help="CPU threads of the calibration (default: the jobs' own, 1)")
     calibrate.add_argument("--steps", type=int, default=5, help="timed training steps after a warm-up")
     calibrate.add_argument("--batch", type=int, help="batch per process to measure at (default: the run's; on a "
                                                      "CPU, at most 2x512x512 pixels' worth, scaled linearly)")
@@ -341,16 +342,18 @@ def cmd_claims(params: Params, args) -> None:
 
 
 def cmd_plan(params: Params, args) -> None:
+    from segrepro.plan import JOB_THREADS
     from segrepro.plan import cmd_plan as run
 
-    _set_threads(args.threads)
+    _set_threads(args.threads or JOB_THREADS)  # timed as the jobs run
     run(params, args)
 
 
 def cmd_calibrate(params: Params, args) -> None:
+    from segrepro.plan import JOB_THREADS
     from segrepro.plan import cmd_calibrate as run
 
-    _set_threads(args.threads)
+    _set_threads(args.threads or JOB_THREADS)
     run(params, args)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import math
+import os
 import re
 import resource
 import statistics
@@ -37,6 +38,10 @@ WARMUP_STEPS = 2
 # On a CPU a paper-scale batch (16 crops of 512x512) does not fit a small machine's memory: the
 # calibration measures at most this many pixels per batch and scales the step time linearly.
 CPU_BATCH_PIXELS = 2 * 512 * 512
+# The torch threads of a training or evaluation job: the `threads:` of the train and evaluate rules
+# (workflow/rules/train.smk, eval.smk), passed to `segrepro --threads`. A calibration times its
+# steps with as many, unless --threads says otherwise.
+JOB_THREADS = 1
 # The jobs whose cost the plan estimates; every other rule is listed with its count only.
 TRAIN_RULES = ("train",)
 INFERENCE_RULES = ("evaluate", "submit")
@@ -154,6 +159,8 @@ def snakemake_error(output: str) -> str:
     for index, line in enumerate(lines):
         if line.startswith("SegreproError: "):
             return line.removeprefix("SegreproError: ")
+        if line.startswith("segrepro: "):  # the workflow's own one-line refusal (an unknown target)
+            return line.removeprefix("segrepro: ")
         if line.startswith("No rule to produce "):
             target = line.removeprefix("No rule to produce ").split(" (")[0]
             return (f"no rule makes target '{target}' (a table or figure under results/, a run's "
@@ -277,6 +284,23 @@ def device_name(device) -> str:
     return f"{model}{kind} ({threads} thread{'s' * (threads != 1)})"
 
 
+def machine_load(threads: int) -> dict:
+    """The machine's 1-minute load average and CPU count. `under_load`: more work wants to run
+    than there are CPUs (this process's own threads included), so a calibration's steps share
+    cores with other work and are timed too slow."""
+    load = os.getloadavg()[0]
+    cpus = os.cpu_count() or 1
+    return {"load_1min": round(load, 2), "cpus": cpus, "threads": threads, "under_load": load > cpus}
+
+
+def load_note(entry: dict) -> str | None:
+    """Why a calibration entry may overestimate: measured under load (None if not, or unknown)."""
+    load = entry.get("machine_load")
+    if not load or not load.get("under_load"):
+        return None
+    return f"load {load['load_1min']} on {load['cpus']} CPUs"
+
+
 def calibration_path(device: str) -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
     return CALIBRATION_DIR / f"{slug}.json"
@@ -332,6 +356,7 @@ def calibrate_run(config: dict, classes: int, device, steps: int, batch: int | N
     print(f"calibrating {name} ({config['model']['backbone']['name']}, batch {measured} of {per_process}, "
           f"{crop_h}x{crop_w}) on {device_name(device)}", file=sys.stderr)
 
+    load = machine_load(torch.get_num_threads())
     torch.manual_seed(0)
     model = build_model(_without_pretrained(config["model"]), classes).to(device)
     optimizer = build_optimizer(model, settings)
@@ -387,6 +412,8 @@ def calibrate_run(config: dict, classes: int, device, steps: int, batch: int | N
         "scaled": (None if measured == per_process else
                    f"measured at batch {measured}, scaled linearly to {per_process}"),
         "window_seconds": statistics.median(window_times),
+        # As found when the calibration began (this process's earlier calibrations included).
+        "machine_load": load,
         **memory,
     }
 
@@ -519,7 +546,10 @@ def _calibration_for(config: dict, classes: int, device, device_label: str, know
     """The run's calibration entry: stored, or measured now and stored at once (a long plan
     that is interrupted keeps what it measured)."""
     key = signature(config, classes, device_label)
-    if key not in new and (recalibrate or key not in known):
+    # A stored calibration made under load is measured again once the machine is quiet; while it
+    # is still busy the old one is used, and the plan's assumptions say so (format_plan).
+    remeasure = key in known and load_note(known[key]) and not machine_load(JOB_THREADS)["under_load"]
+    if key not in new and (recalibrate or key not in known or remeasure):
         new[key] = calibrate_run(config, classes, device, steps, batch)
         store_calibrations(calibration_path(device_label), device_label, {key: new[key]})
     return new.get(key) or known[key]
@@ -655,6 +685,11 @@ def format_plan(plan: dict) -> str:
             scaled.setdefault(entry["scaled"], []).append(entry["run"])
     for how, runs in scaled.items():
         out.append(f"  - step time {how}: {', '.join(sorted(runs))}")
+    loaded = {entry["run"]: load_note(entry) for entry in plan["calibrations"].values() if load_note(entry)}
+    if loaded:
+        out.append(f"  - CALIBRATED UNDER LOAD (other work shared the CPUs, so the times are too long): "
+                   f"{', '.join(f'{run} ({note})' for run, note in sorted(loaded.items()))}; "
+                   "`segrepro plan --recalibrate` on a quiet machine measures again")
     if plan["unit"] == "CPU-hours":
         out.append("  - CPU-hours: hours of one job with the calibrated threads; --gpus counts jobs at once")
     else:
