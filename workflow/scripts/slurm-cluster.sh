@@ -119,7 +119,10 @@ write_configs() {
   cat >"$DIR/etc/slurm.conf" <<CONF
 # Written by workflow/scripts/slurm-cluster.sh; its 'stop' puts back what was here before.
 ClusterName=segrepro
-SlurmctldHost=localhost
+SlurmctldHost=localhost(127.0.0.1)
+# Every daemon binds the address its host name resolves to (127.0.0.1 here), not every interface:
+# a test cluster is reachable from this machine only.
+CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 SlurmUser=slurm
 SlurmdUser=root
 AuthType=auth/munge
@@ -148,6 +151,7 @@ CONF
   cat >"$DIR/etc/slurmdbd.conf" <<CONF
 AuthType=auth/munge
 DbdHost=localhost
+DbdAddr=127.0.0.1
 SlurmUser=slurm
 PidFile=$DIR/run/slurmdbd.pid
 LogFile=$DIR/log/slurmdbd.log
