@@ -93,7 +93,8 @@ def wait_until_unlocked(run_dir: Path, timeout: float = 120) -> None:
     wait_for(free, "end of the orphaned trainer", timeout=timeout)
 
 
-def mlflow_runs(env: dict) -> list:
+def mlflow_runs(env: dict) -> tuple:
+    """The MLflow client of the build's store and the runs of psp50 in it."""
     import mlflow
 
     store = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
