@@ -179,7 +179,7 @@ def train_log(root: Path) -> str:
     return (root / "logs" / "train" / "tiny" / TINY / "pspnet" / "psp50" / "seed0.log").read_text()
 
 
-@pytest.mark.slow  # 4 builds of one tiny run (about 1 min on 2 idle cores)
+@pytest.mark.slow  # 4 builds of one tiny run: 2.5 min on 2 cores shared with other work (load 10)
 def test_a_trainer_killed_three_times_then_the_plain_rerun_ends_as_an_unbroken_build(
         unbroken, tmp_path, tiny_dataset, mlflow_store_template):
     root, env = make_project(tmp_path, tiny_dataset, mlflow_store_template)
@@ -201,7 +201,7 @@ def test_a_trainer_killed_three_times_then_the_plain_rerun_ends_as_an_unbroken_b
     assert not list(run_dir.glob(".*.tmp")) and not (run_dir / CHECKPOINT).exists()
 
 
-@pytest.mark.slow  # 2 builds of one tiny run each (about 30 s on 2 idle cores)
+@pytest.mark.slow  # 2 builds of one tiny run each: 70 s on 2 cores shared with other work (load 10)
 @pytest.mark.parametrize("moment", ["trainer-started", "first-checkpoint", "model-finished"])
 def test_a_killed_controller_then_the_plain_rerun_ends_as_an_unbroken_build(
         moment, unbroken, tmp_path, tiny_dataset, mlflow_store_template):
