@@ -153,6 +153,7 @@ def loading(root: Path, train: dict, batches: int, repeats: int) -> dict:
                 scale_range=tuple(train["scale_range"]), flip=train["flip"], brightness=train["brightness"],
                 seed=0, start_iteration=0, iterations=batches + 1, num_workers=workers,
                 photometric=train.get("photometric", False),
+                rotate=train.get("rotate", 0.0), blur=train.get("blur", 0.0),
             )
             start = time.perf_counter()
             iterator = iter(loader)

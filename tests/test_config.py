@@ -90,10 +90,12 @@ def test_every_experiment_resolves_at_every_scale(params):
 
 
 def test_resolution_layers(params):
-    """scale profile < paper's recipe < paper's scale refinement < experiment overrides."""
+    """scale profile < paper's recipe at every scale < paper's scale refinement < experiment overrides."""
     tiny = params.resolve("pspnet", "psp269", "tiny")
-    # The profile's training settings, and the paper's own recipe (its lr_mult) at every scale.
-    assert tiny["train"] == {**params.scales["tiny"]["train"], "lr_mult": {"context": 10, "head": 10, "aux_head": 10}}
+    # The profile's training settings, and the paper's own recipe (lr_mult, augmentation, its 8n+1 crop).
+    assert tiny["train"] == deep_merge(params.scales["tiny"]["train"], {
+        "lr_mult": {"context": 10, "head": 10, "aux_head": 10}, "brightness": 0.0, "rotate": 10, "blur": 0.5,
+        "crop_size": 49})
     for scale in params.scales:
         assert params.resolve("pspnet", "psp50", scale)["train"]["lr_mult"] == {"context": 10, "head": 10, "aux_head": 10}
         assert params.resolve("pspnet", "psp50_lr_mult1", scale)["train"]["lr_mult"] == {"context": 1, "head": 1, "aux_head": 1}
@@ -146,6 +148,38 @@ def test_every_table_row_names_an_existing_experiment_and_protocol(params):
             assert name in params.tables_using(paper, row["experiment"])
         for scale in params.scales:
             assert params.checked_table(name, scale) == (paper, spec)
+
+
+def test_test_protocol_of_every_table_row(params):
+    """PSPNet: "single scale" includes the mirrored pass and every window is the crop (semseg
+    tool/test.py); HFGD: no flip in SS, the image padded once before the scales (iSeg); SaF: as
+    the scale profile (no pad key: at its own size)."""
+    expected = {"pspnet": {"ss": (True, "each_scale"), "ms": (True, "each_scale")},
+                "hfgd": {"ss": (False, "before_scaling"), "ms": (True, "before_scaling")},
+                "saf": {"ss": (False, None), "ms": (True, None)}}
+    for scale in params.scales:
+        for name in params.table_names():
+            paper, spec = params.table(name)
+            for row in spec["rows"]:
+                if row["protocol"] not in expected[paper]:
+                    continue
+                config = params.resolve(paper, row["experiment"], scale, params.table_dataset(name, scale))
+                protocol = config["eval"]["protocols"][row["protocol"]]
+                assert (protocol["flip"], protocol.get("pad")) == expected[paper][row["protocol"]], (scale, name, row)
+    psp = params.resolve("pspnet", "psp50", "demo")["eval"]
+    assert "pad" not in psp  # folded into each protocol
+    assert psp["protocols"]["ss_noflip"] == {"scales": [1.0], "flip": False, "pad": "each_scale"}
+    assert psp["protocols"]["ss_nopad"] == {"scales": [1.0], "flip": True, "pad": "none"}
+    assert params.resolve("hfgd", "fcn_aspp", "paper")["eval"]["protocols"]["ss_nopad"]["pad"] == "none"
+
+
+def test_a_papers_protocols_count_for_its_tables(root):
+    """checked_table looks at the protocols a paper adds, not only the scale profile's."""
+    params = load_params(root)
+    params.checked_table("pspnet_open_defaults", "demo")
+    edit_yaml(root / "params" / "papers" / "pspnet.yaml", {"eval": {"protocols": {"ss_noflip": None}}})
+    with pytest.raises(SegreproError, match="protocol 'ss_noflip'.*pspnet.yaml"):
+        load_params(root).checked_table("pspnet_open_defaults", "demo")
 
 
 def test_tables_using(params):

@@ -9,6 +9,7 @@ import torch
 import yaml
 from PIL import Image
 
+from segrepro.config import load_params
 from segrepro.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -19,6 +20,7 @@ from segrepro.data import (
     load_card,
     make_train_loader,
 )
+from segrepro.data.dataset import BLUR_KERNEL, blur_window
 from segrepro.errors import SegreproError
 
 
@@ -272,6 +274,7 @@ def photometric(contrast=None, saturation=None, brightness=0.0):
         ("integers", 0), ("integers", 0),  # crop offsets
         ("random", 0.2 if contrast else 0.7), ("uniform", contrast or 1.3),
         ("random", 0.2 if saturation else 0.7), ("uniform", saturation or 0.6),
+        ("random", 0.2), ("uniform", 0.5), ("random", 0.2),  # rotation and blur (both off here)
     ])
     aug = TrainAugment(2, scale_range=(1.0, 1.0), flip=True, brightness=brightness, photometric=True)
     x, y = aug(PHOTO_IMAGE, PHOTO_LABEL, rng)
@@ -283,7 +286,8 @@ def test_photometric_draws_from_the_rng_in_order():
     _, _, calls = photometric(contrast=1.5, saturation=0.5)
     assert calls == [("uniform", (1.0, 1.0)), ("random", ()), ("uniform", (1.0, 1.0)),
                      ("integers", (0, 1)), ("integers", (0, 1)),
-                     ("random", ()), ("uniform", (0.5, 1.5)), ("random", ()), ("uniform", (0.5, 1.5))]
+                     ("random", ()), ("uniform", (0.5, 1.5)), ("random", ()), ("uniform", (0.5, 1.5)),
+                     ("random", ()), ("uniform", (-1.0, 1.0)), ("random", ())]
 
 
 def test_contrast_by_hand():
@@ -397,3 +401,140 @@ def test_saf_declares_its_base_size_at_the_paper_scale():
     params = load_params(Path(__file__).resolve().parents[1])
     assert params.resolve("saf", "I", "paper")["train"]["base_size"] == 512  # = the crop, as HRNet-OCR
     assert "base_size" not in params.resolve("saf", "I", "demo")["train"]  # one image size: the forms agree
+
+
+# ----------------------------------------------------------------------------- rotation and blur (PSPNet)
+
+def geometry_script(rotate=None, blur=False):
+    """Draws for a 2x2-crop augment at scale 1, no flip, offsets 0, no photometric distortion;
+    `rotate` an angle factor in [-1, 1] (None: no rotation), `blur` whether to blur."""
+    return ScriptedRng([
+        ("uniform", 1.0), ("random", 0.9), ("uniform", 1.0), ("integers", 0), ("integers", 0),
+        ("random", 0.7), ("uniform", 1.0), ("random", 0.7), ("uniform", 1.0),
+        ("random", 0.2 if rotate is not None else 0.7), ("uniform", rotate or 0.0),
+        ("random", 0.3 if blur else 0.6),
+    ])
+
+
+def test_blur_kernel_by_hand():
+    """OpenCV's GaussianBlur(5x5, sigma 0) is [1, 4, 6, 4, 1] / 16 per direction, with reflection
+    that does not repeat the edge pixel (BORDER_REFLECT_101)."""
+    assert BLUR_KERNEL.tolist() == [0.0625, 0.25, 0.375, 0.25, 0.0625]
+    image = np.zeros((7, 7, 3), np.float32)
+    image[3, 3] = 256.0
+    out = blur_window(image, slice(0, 7), slice(0, 7))
+    assert out[3, 3, 0] == 256 * 0.375 * 0.375  # 36
+    assert out[1, 3, 0] == 256 * 0.0625 * 0.375 and out[0, 0, 0] == 0.0
+    # An impulse one pixel from the border: the reflected copy lands on the other side of row 0,
+    # so row 0 gets weight (1/4 + 1/4) per direction: 256 / 4 = 64 at the corner.
+    edge = np.zeros((5, 5, 3), np.float32)
+    edge[1, 1] = 256.0
+    assert blur_window(edge, slice(0, 5), slice(0, 5))[0, 0, 0] == 64.0
+    # Edge-repeating reflection (BORDER_REFLECT) would give (1/16 + 1/4)^2 * 256 = 25.
+
+
+def test_blur_window_equals_the_whole_image_blurred():
+    rng = np.random.default_rng(4)
+    image = rng.uniform(0, 255, (13, 17, 3)).astype(np.float32)
+    whole = blur_window(image, slice(0, 13), slice(0, 17))
+    padded = np.pad(image.astype(np.float64), ((2, 2), (2, 2), (0, 0)), mode="reflect")
+    kernel = np.outer(BLUR_KERNEL, BLUR_KERNEL)
+    reference = np.zeros(image.shape)
+    for r in range(13):
+        for c in range(17):
+            reference[r, c] = np.tensordot(kernel, padded[r:r + 5, c:c + 5], axes=([0, 1], [0, 1]))
+    assert np.allclose(whole, reference, atol=1e-3)
+    for rows, cols in [(slice(0, 4), slice(0, 5)), (slice(3, 11), slice(6, 17)), (slice(12, 13), slice(16, 17))]:
+        assert np.allclose(blur_window(image, rows, cols), whole[rows, cols], atol=1e-4)
+
+
+def test_blur_applied_to_the_crop_window():
+    image = np.zeros((6, 6, 3), np.uint8)
+    image[2, 2] = 160
+    label = np.zeros((6, 6), np.uint8)
+    aug = TrainAugment(2, scale_range=(1.0, 1.0), flip=True, blur=0.5)
+    sharp, _ = aug(image, label, geometry_script(blur=False))
+    blurred, _ = aug(image, label, geometry_script(blur=True))
+    assert sharp[1, 1, 0] == 0.0 and sharp.max() == 0.0  # the crop is rows/cols 0-1
+    # Pixel (1, 1) is one step from the impulse in each direction: 160 / 16 = 10. Pixel (0, 0) is
+    # two steps from it and from its reflection across row / column 0: 160 (1/16 + 1/16)^2 = 2.5.
+    assert blurred[1, 1, 0] == 160 * 0.25 * 0.25 and blurred[0, 0, 0] == 160 * 0.125 * 0.125
+
+
+def test_rotation_fills_with_mean_and_ignore():
+    image = np.full((21, 21, 3), 200, np.uint8)
+    label = np.full((21, 21), 3, np.uint8)
+    aug = TrainAugment(21, scale_range=(1.0, 1.0), flip=False, rotate=10)
+    rng = geometry_script(rotate=1.0)
+    rng.script[3:5] = [("integers", 0), ("integers", 0)]
+    x, y = aug(image, label, rng)
+    assert ("uniform", (-1.0, 1.0)) in rng.calls
+    # 10 degrees about the centre: the corners come from outside the image.
+    assert y[0, 0] == 255 and y[20, 20] == 255 and y[10, 10] == 3
+    assert np.allclose(x[0, 0], IMAGENET_MEAN) and np.allclose(x[10, 10], 200.0)
+    # The filled corners: every ignored label pixel is at least partly mean-coloured (bilinear edges).
+    ignored = y == 255
+    assert 4 <= ignored.sum() < 21 * 21 / 4 and np.all(x[ignored][:, 0] < 200.0)
+    unrotated, same = aug(image, label, geometry_script(rotate=None))
+    assert np.all(same == 3) and np.all(unrotated == 200.0)
+
+
+def test_rotation_moves_image_and_label_together():
+    label = np.zeros((31, 31), np.uint8)
+    label[:, 20:] = 1
+    image = np.repeat((label * 200)[..., None], 3, axis=2).astype(np.uint8)
+    aug = TrainAugment(31, scale_range=(1.0, 1.0), flip=False, rotate=10)
+    x, y = aug(image, label, geometry_script(rotate=1.0))
+    inside = (y != 255)
+    assert not np.array_equal(y[inside], label[inside])  # something moved
+    # Away from the class border the rotated image's colour still encodes the rotated label.
+    settled = inside & (np.abs(x[..., 0] - 100) > 60)
+    assert np.array_equal(x[..., 0][settled] > 100, y[settled] == 1)
+
+
+def pspnet_augment():
+    """The TrainAugment PSPNet's resolved recipe builds (as segrepro.train passes it)."""
+    train = load_params(Path(__file__).resolve().parents[1]).resolve("pspnet", "psp50", "tiny")["train"]
+    return train, TrainAugment(32, scale_range=(1.0, 1.0), flip=train["flip"], brightness=train["brightness"],
+                               rotate=train.get("rotate", 0.0), blur=train.get("blur", 0.0))
+
+
+def test_pspnet_recipe_rotates_and_blurs_and_keeps_brightness():
+    """Under the PSPNet recipe about half the samples are rotated (ignored corners), about half
+    blurred (a sharp 0/200 edge gets intermediate values), and a flat image keeps its value
+    (no brightness gain)."""
+    train, aug = pspnet_augment()
+    assert (train["rotate"], train["blur"], train["brightness"]) == (10, 0.5, 0.0)
+    edge = np.zeros((32, 32, 3), np.uint8)
+    edge[:, 16:] = 200
+    label = np.zeros((32, 32), np.uint8)
+    rotated = blurred = 0
+    for seed in range(40):
+        x, y = aug(edge, label, np.random.default_rng(seed))
+        rotated += int(y[0, 0] == 255)
+        row = x[16, 10:22, 0]
+        if not (y[0, 0] == 255):
+            blurred += int(np.any((row > 1) & (row < 199)))
+        flat, _ = aug(np.full((32, 32, 3), 90, np.uint8), label, np.random.default_rng(seed))
+        assert np.allclose(flat[8:24, 8:24], 90.0, atol=1e-3)  # away from any filled corner
+    assert 10 <= rotated <= 30 and 4 <= blurred <= rotated + 20 and blurred < 40 - rotated
+
+
+def test_other_papers_keep_their_augmentation():
+    params = load_params(Path(__file__).resolve().parents[1])
+    for paper, experiment in (("saf", "A"), ("hfgd", "fcn_identity")):
+        train = params.resolve(paper, experiment, "demo")["train"]
+        assert train.get("rotate", 0) == 0 and train.get("blur", 0) == 0 and train["brightness"] == 0.2
+
+
+def test_rotation_and_blur_resume_like_an_uninterrupted_run(tmp_path):
+    root = generate_dataset(tmp_path / "syn", "syn", seed=0, width=48, height=36, train=7, val=1)
+    args = dict(root=root, split="train", batch_size=2, crop_size=33, scale_range=(0.5, 2.0),
+                flip=True, brightness=0.0, seed=3, iterations=4, start_iteration=0, rotate=10, blur=0.5)
+    full = list(make_train_loader(**args))
+    plain = list(make_train_loader(**dict(args, rotate=0, blur=0.0)))
+    assert any(not torch.equal(ya, yb) for (_, ya, _), (_, yb, _) in zip(full, plain))
+    resumed = list(make_train_loader(**dict(args, start_iteration=2), num_workers=2))
+    for (xa, ya, _), (xb, yb, _) in zip(full[2:], resumed):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+

@@ -172,8 +172,9 @@ class Params:
         """The complete configuration of one run: what the trainer reads and MLflow records.
         Layers, each over the last: the scale profile, the paper's refinement of it and of its
         `datasets` entry for the run's dataset, the training setting (and its scale entry), the
-        experiment, its scale entry and that entry's `datasets` entry. A paper's own `train` (its
-        recipe at every scale: PSPNet's learning-rate multipliers) comes right after the profile."""
+        experiment, its scale entry and that entry's `datasets` entry. A paper's own `train` and
+        `eval` (its recipe at every scale: PSPNet's learning-rate multipliers, augmentation and test
+        protocol) come right after the scale profile."""
         registry = self.paper(paper)
         overrides = self.experiment(paper, experiment)
         scale_profile = self.scale(scale)
@@ -184,7 +185,8 @@ class Params:
         # COCO-Stuff, Pascal-Context), applied right after it; an experiment's one comes last.
         paper_scale = registry.get("scales", {}).get(scale) or {}
         experiment_scale = overrides.get("scales", {}).get(scale) or {}
-        layers = ({"train": registry.get("train") or {}}, paper_scale, paper_scale.get("datasets", {}).get(name),
+        paper_wide = {key: registry[key] for key in ("train", "eval") if key in registry}
+        layers = (paper_wide, paper_scale, paper_scale.get("datasets", {}).get(name),
                   setting, setting.get("scales", {}).get(scale),
                   overrides, experiment_scale, experiment_scale.get("datasets", {}).get(name))
         for layer in layers:
@@ -192,6 +194,12 @@ class Params:
                                    if k not in ("dataset", "datasets", "scales", "setting")})
         # A schedule given as a multiple of the scale's (HFGD Tables 2, 17: 1x, 3x, 6x) stays one at every scale.
         run["train"]["iterations"] *= run["train"].get("iterations_factor", 1)
+        # eval.pad is the default of every protocol that names none: each protocol then carries all
+        # its test settings (what an evaluation depends on, segrepro.inference.predict_probs).
+        if "pad" in run["eval"]:
+            pad = run["eval"].pop("pad")
+            run["eval"]["protocols"] = {name: {**protocol, "pad": protocol.get("pad", pad)}
+                                        for name, protocol in run["eval"]["protocols"].items()}
         return {
             "paper": paper,
             "experiment": experiment,
@@ -202,15 +210,16 @@ class Params:
         }
 
     def checked_table(self, name: str, scale: str) -> tuple[str, dict]:
-        """(paper, spec) of a table whose rows name known experiments and protocols of `scale`."""
+        """(paper, spec) of a table whose rows name known experiments and protocols of `scale`
+        (the scale's protocols and those the paper adds, params/papers/<paper>.yaml)."""
         paper, spec = self.table(name)
-        protocols = self.scale(scale)["eval"]["protocols"]
         for row in spec["rows"]:
             self.experiment(paper, row["experiment"])
+            protocols = self.resolve(paper, row["experiment"], scale, self.table_dataset(name, scale))["eval"]["protocols"]
             if row["protocol"] not in protocols:
                 raise SegreproError(
                     f"table '{name}': protocol '{row['protocol']}' is not defined by scale '{scale}' "
-                    f"(params/scales.yaml eval.protocols: {', '.join(protocols)})"
+                    f"(params/scales.yaml and params/papers/{paper}.yaml eval.protocols: {', '.join(protocols)})"
                 )
         return paper, spec
 

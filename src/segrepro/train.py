@@ -427,6 +427,7 @@ def _train(config: dict, output: Path, ctx, card: dict, key: str, tables) -> dic
         start_iteration=start, iterations=iterations, num_workers=settings["num_workers"],
         photometric=settings.get("photometric", False), pin_memory=pinned,
         base_size=settings.get("base_size"),
+        rotate=settings.get("rotate", 0.0), blur=settings.get("blur", 0.0),
     )
     # torch's loader workers die of a SIGTERM their parent did not send, and SLURM signals every
     # process of the job: they must live on to serve the batches up to the checkpoint.

@@ -138,13 +138,23 @@ def crop_pair(size) -> tuple[int, int]:
 
 
 class TrainAugment:
-    """Random scale, horizontal flip, photometric distortion, brightness and crop, as in the
-    papers' training.
+    """Random scale, rotation, horizontal flip, Gaussian blur, photometric distortion, brightness
+    and crop, as in the papers' training (each paper declares which, params/papers/*.yaml).
 
     Called with (image uint8 HxWx3 array or PIL image, label uint8 HxW, rng); returns
     (image float32 HxWx3 on the 0-255 scale, label uint8 HxW) of size `crop_size`.
     Where the scaled image is smaller than the crop, the image is padded with the ImageNet
     mean colour (0 once normalised) and the label with `ignore_index`.
+
+    With `rotate` > 0 (PSPNet; semseg util/transform.py RandRotate, p 0.5): half of the images are
+    rotated, after the scale, by an angle uniform in [-rotate, rotate] degrees about their centre,
+    bilinearly (labels: nearest), keeping their size; uncovered corners get the mean colour and
+    `ignore_index`. With `blur` > 0 (PSPNet; semseg RandomGaussianBlur): with probability `blur`
+    the image is blurred by OpenCV's 5x5 Gaussian of sigma 0 (cv2.GaussianBlur(image, (5, 5), 0):
+    the fixed binomial kernel [1, 4, 6, 4, 1] / 16 in each direction, borders reflected without
+    repeating the edge pixel). semseg's order (tool/train.py): scale, rotate, blur, flip, crop; the
+    blur commutes with the flip, so here it is applied to the crop window (with a 2-pixel margin
+    of real neighbours: the same values as blurring the whole image first).
 
     With `photometric` (HFGD's advanced setting), after the scale and before the brightness:
     with probability 0.5 the contrast is scaled by a factor in [0.5, 1.5] (a blend with the
@@ -154,7 +164,8 @@ class TrainAugment:
 
     def __init__(self, crop_size, scale_range=(0.5, 2.0), flip: bool = True,
                  brightness: float = 0.0, ignore_index: int = 255, photometric: bool = False,
-                 base_size: int | None = None):
+                 base_size: int | None = None, rotate: float = 0.0,
+                 blur: float = 0.0):
         self.crop_h, self.crop_w = crop_pair(crop_size)
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         # With a base size the drawn scale sets the long side to base_size x scale (HRNet-OCR's
@@ -165,13 +176,16 @@ class TrainAugment:
         self.brightness = float(brightness)
         self.ignore_index = int(ignore_index)
         self.photometric = bool(photometric)
+        self.rotate = float(rotate)
+        self.blur = float(blur)
 
     def __call__(self, image, label, rng: np.random.Generator):
         image = np.asarray(image, dtype=np.uint8)
         label = np.asarray(label, dtype=np.uint8)
         h, w = label.shape
         # Draw every random number in a fixed order, whatever the options, so seeds mean the same
-        # (the photometric draws come last: turning them on changes no geometry).
+        # (the photometric, rotation and blur draws come last: turning them on changes no scale,
+        # flip or crop offset).
         scale = rng.uniform(*self.scale_range)
         do_flip = rng.random() < 0.5
         gain = rng.uniform(1.0 - self.brightness, 1.0 + self.brightness)
@@ -184,10 +198,15 @@ class TrainAugment:
         contrast = rng.uniform(0.5, 1.5)
         do_saturation = rng.random() < 0.5
         saturation = rng.uniform(0.5, 1.5)
+        do_rotate = rng.random() < 0.5
+        angle = rng.uniform(-1.0, 1.0) * self.rotate
+        do_blur = rng.random() < self.blur
 
         if (new_w, new_h) != (w, h):
             image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
             label = np.asarray(Image.fromarray(label).resize((new_w, new_h), Image.NEAREST))
+        if self.rotate > 0 and do_rotate:
+            image, label = rotate_pair(image, label, angle, self.ignore_index)
         if self.flip and do_flip:
             image, label = image[:, ::-1], label[:, ::-1]
 
@@ -196,7 +215,13 @@ class TrainAugment:
         top, left = pad_h // 2, pad_w // 2
         rows = slice(max(0, y0 - top), min(new_h, y0 - top + self.crop_h))
         cols = slice(max(0, x0 - left), min(new_w, x0 - left + self.crop_w))
-        if not self.photometric:
+        cropped = False
+        if self.blur > 0 and do_blur:
+            # Blur the crop window only, unless the contrast needs the whole (blurred) image.
+            whole = (slice(0, new_h), slice(0, new_w))
+            image = blur_window(np.asarray(image, np.float32), *(whole if self.photometric else (rows, cols)))
+            cropped = not self.photometric
+        if not self.photometric and not cropped:
             # Brightness is per pixel: cropping first gives the same values for a fraction of the
             # work (the contrast needs the whole image's mean, so it crops after).
             image = image[rows, cols]
@@ -218,6 +243,42 @@ class TrainAugment:
         crop_label[y:y + image.shape[0], x:x + image.shape[1]] = label[rows, cols]
         image, label = crop, crop_label
         return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+
+def rotate_pair(image: np.ndarray, label: np.ndarray, angle: float, ignore_index: int):
+    """Rotate an HxWx3 image (bilinear, to float32) and its label (nearest) by `angle` degrees
+    counter-clockwise about the image centre, keeping the size; what no source pixel covers gets
+    the ImageNet mean colour and `ignore_index` (semseg util/transform.py RandRotate: cv2.warpAffine
+    with the mean as border value, labels with the ignore label). The image is rotated in float,
+    one channel at a time, so the fill is the exact mean."""
+    channels = [
+        np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], dtype=np.float32)).rotate(
+            angle, resample=Image.BILINEAR, fillcolor=float(IMAGENET_MEAN[c])))
+        for c in range(3)
+    ]
+    label = np.asarray(Image.fromarray(np.ascontiguousarray(label)).rotate(
+        angle, resample=Image.NEAREST, fillcolor=int(ignore_index)))
+    return np.stack(channels, axis=-1), label
+
+
+# OpenCV's 5-tap Gaussian for sigma <= 0 (cv2.getGaussianKernel's fixed table for sizes up to 7),
+# what semseg's RandomGaussianBlur(radius=5) gets from cv2.GaussianBlur(image, (5, 5), 0).
+BLUR_KERNEL = np.array([1, 4, 6, 4, 1], np.float32) / 16
+
+
+def blur_window(image: np.ndarray, rows: slice, cols: slice) -> np.ndarray:
+    """The window [rows, cols] of a float32 HxWx3 image blurred by BLUR_KERNEL in both directions,
+    with OpenCV's default border (reflection without repeating the edge pixel, numpy's "reflect"):
+    the same values as blurring the whole image and then cutting the window out."""
+    h, w = image.shape[:2]
+    r0, r1 = max(0, rows.start - 2), min(h, rows.stop + 2)
+    c0, c1 = max(0, cols.start - 2), min(w, cols.stop + 2)
+    # Real neighbours where the image has them; reflected ones only beyond its own border.
+    margins = ((2 - (rows.start - r0), 2 - (r1 - rows.stop)), (2 - (cols.start - c0), 2 - (c1 - cols.stop)), (0, 0))
+    region = np.pad(image[r0:r1, c0:c1], margins, mode="reflect")
+    n_rows, n_cols = rows.stop - rows.start, cols.stop - cols.start
+    vertical = sum(BLUR_KERNEL[i] * region[i:i + n_rows] for i in range(5))
+    return sum(BLUR_KERNEL[i] * vertical[:, i:i + n_cols] for i in range(5)).astype(np.float32)
 
 
 def grey(image: np.ndarray) -> np.ndarray:
@@ -406,11 +467,13 @@ class IterationBatchSampler:
 def make_train_loader(root, split: str, batch_size: int, crop_size, scale_range, flip: bool,
                       brightness: float, seed: int, start_iteration: int, iterations: int,
                       num_workers: int = 0, photometric: bool = False, pin_memory: bool = False,
-                      base_size: int | None = None) -> DataLoader:
+                      base_size: int | None = None, rotate: float = 0.0,
+                      blur: float = 0.0) -> DataLoader:
     """DataLoader over augmented batches for iterations start_iteration .. iterations - 1."""
     dataset = SegmentationDataset(root, split)
     dataset.transform = TrainAugment(crop_size, scale_range, flip, brightness, dataset.ignore_index,
-                                     photometric=photometric, base_size=base_size)
+                                     photometric=photometric, base_size=base_size,
+                                     rotate=rotate, blur=blur)
     if len(dataset) < batch_size:
         raise SegreproError(
             f"{dataset.split_file}: {len(dataset)} images, fewer than the batch size {batch_size}")
