@@ -261,8 +261,77 @@ def test_output_stride_8(params):
     assert (layer3.shape[1], layer4.shape[1]) == tuple(model.backbone.channels)
     # Dilated, not strided: layer4 of a plain ResNet would be at 1/32.
     body = model.backbone.body
-    assert body.layer3[0].conv2.dilation == (1, 1) and body.layer3[1].conv2.dilation == (2, 2)
-    assert body.layer4[1].conv2.dilation == (4, 4)
+    assert body.layer3[0].conv2.dilation == (2, 2) and body.layer3[1].conv2.dilation == (2, 2)
+    assert body.layer4[0].conv2.dilation == (4, 4) and body.layer4[1].conv2.dilation == (4, 4)
+
+
+def test_every_block_strides_and_dilates_as_semseg(params):
+    """semseg model/pspnet.py on its deep-stem ResNet-50: the stem reduces by 4, layer2's first
+    block strides by 2, every 3x3 conv of layer3 has dilation 2 (padding 2) and of layer4 dilation
+    4 (padding 4), all at stride 1 with unstrided downsample shortcuts."""
+    body = build(params, "psp50").backbone.body
+    assert [conv.stride for conv in body.conv1 if isinstance(conv, torch.nn.Conv2d)] == [(2, 2), (1, 1), (1, 1)]
+    assert body.maxpool.stride == 2
+    for index, blocks, dilation in ((1, 3, 1), (2, 4, 1), (3, 6, 2), (4, 3, 4)):
+        stage = getattr(body, f"layer{index}")
+        assert len(stage) == blocks
+        for number, block in enumerate(stage):
+            stride = 2 if (index, number) == (2, 0) else 1
+            where = f"layer{index}[{number}]"
+            assert block.conv2.kernel_size == (3, 3), where
+            assert block.conv2.stride == (stride, stride), where
+            assert block.conv2.dilation == (dilation, dilation), where
+            assert block.conv2.padding == (dilation, dilation), where
+            assert block.conv1.stride == block.conv3.stride == (1, 1), where
+            if block.downsample is not None:
+                assert number == 0 and block.downsample[0].stride == (stride, stride), where
+    # The switch of pspnet_open_defaults: timm's own layout, the first block one dilation behind.
+    timm_body = build(params, "psp50_timm_dilation").backbone.body
+    assert [block.conv2.dilation[0] for block in timm_body.layer3] == [1, 2, 2, 2, 2, 2]
+    assert [block.conv2.dilation[0] for block in timm_body.layer4] == [2, 4, 4]
+
+
+def test_whole_stage_dilation_changes_the_computation_not_the_weights(params):
+    semseg, timm_layout = build(params, "psp50").eval(), build(params, "psp50_timm_dilation").eval()
+    for module in semseg.modules():  # timm zero-initialises each block's last BN: wake the blocks up
+        if isinstance(module, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+    timm_layout.load_state_dict(semseg.state_dict())  # same parameters, same shapes
+    x = torch.randn(1, 3, 49, 49)
+    with torch.no_grad():
+        a, b = semseg.backbone(x), timm_layout.backbone(x)
+    assert [f.shape for f in a] == [f.shape for f in b] == [(1, 64, 7, 7), (1, 128, 7, 7)]
+    assert not torch.allclose(a[0], b[0]) and not torch.allclose(a[1], b[1])
+
+
+def test_dilate_first_block_needs_a_resnet():
+    from segrepro.models.backbone import Backbone
+
+    with pytest.raises(SegreproError, match="convnext_atto.*ResNet"):
+        Backbone("convnext_atto", out_indices=(3,), output_stride=8, dilate_first_block=True)
+
+
+def test_pyramid_pooling_align_corners_by_hand():
+    """semseg's PPM upsamples with align_corners=True: the 2x2 level's cell values sit exactly on
+    the corner pixels of the 6x6 map and row i samples source row i / 5."""
+    ppm = PyramidPooling(1, [2], "avg", reduction=False, align_corners=True).eval()
+    level = ppm(GRID)[0, 1]
+    assert values(level, *CORNERS) == [7, 10, 25, 28]
+    assert values(level, (1, 0), (0, 1)) == [7 + (25 - 7) / 5, 7 + (10 - 7) / 5]
+
+
+def test_pspnet_upsamples_with_align_corners_as_semseg(params):
+    model = build(params, "psp50").eval()
+    assert model.align_corners and model.context.align_corners
+    x = torch.randn(1, 3, 49, 49)  # 8n+1: the 7x7 logits' corners land on the image's corners
+    with torch.no_grad():
+        logits = model.head(model.context(model.backbone(x)[1]))
+        out = model(x)["out"]
+    assert logits.shape[-2:] == (7, 7)
+    assert torch.allclose(out, F.interpolate(logits, size=(49, 49), mode="bilinear", align_corners=True), atol=1e-5)
+    assert torch.allclose(out[..., ::8, ::8], logits, atol=1e-5)
+    plain = build(params, "psp50_no_align_corners")
+    assert not plain.align_corners and not plain.context.align_corners
 
 
 def test_resnet269_layout_from_params(params):

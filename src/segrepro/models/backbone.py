@@ -61,11 +61,38 @@ def weights_hint(name: str) -> str:
             "or download the file and set model.backbone.pretrained to its path")
 
 
+def dilate_whole_stages(body: nn.Module, name: str, output_stride: int) -> None:
+    """Run every block of a dilated ResNet stage at the stage's dilation, in place.
+
+    timm's `output_stride` (like mmseg's `contract_dilation`) gives the first block of a dilated
+    stage the previous stage's dilation: at output stride 8, layer3 [1, 2, 2, 2, 2, 2] and layer4
+    [2, 4, 4]. The PSPNet reference code dilates every 3x3 convolution of layer3 by 2 and of layer4
+    by 4, padding = dilation, stride 1 (hszhao/semseg model/pspnet.py; the Caffe models alike).
+    Only the dilation and padding of 3x3 convolutions change: shapes and weights stay the same.
+    """
+    stages = {index: getattr(body, f"layer{index}", None) for index in (1, 2, 3, 4)}
+    if all(stage is None for stage in stages.values()):
+        raise SegreproError(f"backbone '{name}': dilate_first_block needs a ResNet (stages layer1..layer4)")
+    # timm's rule (resnet.py make_blocks): past the output stride, a stage's stride becomes dilation.
+    reduction, dilation = 4, 1  # after the stem
+    for index, stage in stages.items():
+        stride = 1 if index == 1 else 2
+        if reduction >= output_stride:
+            dilation *= stride
+        else:
+            reduction *= stride
+        if stage is None or dilation == 1:
+            continue
+        for module in stage.modules():
+            if isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3):
+                module.dilation, module.padding = (dilation, dilation), (dilation, dilation)
+
+
 class Backbone(nn.Module):
     """Always NCHW, whatever layout the timm model's stages produce (Swin's are NHWC)."""
 
     def __init__(self, name: str, out_indices: tuple[int, ...], output_stride: int = 32,
-                 pretrained: bool | str = False, kwargs: dict | None = None):
+                 pretrained: bool | str = False, kwargs: dict | None = None, dilate_first_block: bool = False):
         super().__init__()
         if not timm.is_model(name):
             raise SegreproError(f"unknown timm backbone '{name}'")
@@ -74,6 +101,8 @@ class Backbone(nn.Module):
         self.body = create_timm_model(
             name, pretrained, features_only=True, out_indices=tuple(out_indices), **stride, **(kwargs or {}),
         )
+        if dilate_first_block:
+            dilate_whole_stages(self.body, name, output_stride)
         self.feature_info = self.body.feature_info
         self.channels_last = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")
 

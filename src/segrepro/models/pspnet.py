@@ -22,10 +22,11 @@ class PyramidPooling(nn.Module):
     optionally reduce each level to C/N channels by 1x1 conv ("DR", Table 1), upsample bilinearly
     and concatenate with the input."""
 
-    def __init__(self, in_channels: int, bins: list[int], pool: str, reduction: bool):
+    def __init__(self, in_channels: int, bins: list[int], pool: str, reduction: bool, align_corners: bool = False):
         super().__init__()
         self.bins = list(bins)
         self.pool = pool
+        self.align_corners = align_corners
         level_channels = in_channels // len(self.bins) if reduction else in_channels
         self.reduce = nn.ModuleList(
             conv_bn_relu(in_channels, level_channels, 1) if reduction else nn.Identity() for _ in self.bins
@@ -38,7 +39,7 @@ class PyramidPooling(nn.Module):
         levels = [x]
         for bins, reduce in zip(self.bins, self.reduce):
             pooled = reduce(pool(x, bins))
-            levels.append(F.interpolate(pooled, size=size, mode="bilinear", align_corners=False))
+            levels.append(F.interpolate(pooled, size=size, mode="bilinear", align_corners=self.align_corners))
         return torch.cat(levels, dim=1)
 
 
@@ -67,16 +68,21 @@ class PSPNet(nn.Module):
         head, aux, backbone = config["head"], config["aux"], config["backbone"]
         self.ignore_index = ignore_index
         self.aux_weight = float(aux["weight"])
+        # semseg model/pspnet.py: bilinear with align_corners=True in the PPM and for the logits
+        # (with 8n+1 inputs, e.g. 473, the 1/8 feature grid then lands on input pixels exactly).
+        self.align_corners = bool(config.get("align_corners", False))
         self.backbone = Backbone(
             backbone["name"],
             out_indices=(3, 4),  # layer3 feeds the auxiliary branch, layer4 the head
             output_stride=backbone["output_stride"],
             pretrained=backbone["pretrained"],
             kwargs=backbone.get("kwargs"),
+            dilate_first_block=backbone.get("dilate_first_block", False),
         )
         layer3_channels, layer4_channels = self.backbone.channels
         if head["type"] == "ppm":
-            self.context = PyramidPooling(layer4_channels, head["bins"], head["pool"], head["reduction"])
+            self.context = PyramidPooling(layer4_channels, head["bins"], head["pool"], head["reduction"],
+                                          self.align_corners)
             head_in = self.context.out_channels
         else:
             self.context = nn.Identity()
@@ -96,7 +102,8 @@ class PSPNet(nn.Module):
         outputs = {"out": self.head(self.context(layer4))}
         if self.training and self.aux_head is not None:
             outputs["aux"] = self.aux_head(layer3)
-        return {k: F.interpolate(v, size=size, mode="bilinear", align_corners=False) for k, v in outputs.items()}
+        return {k: F.interpolate(v, size=size, mode="bilinear", align_corners=self.align_corners)
+                for k, v in outputs.items()}
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self(images)["out"]
