@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from segrepro.errors import SegreproError
 from segrepro.inference import (
     evaluate,
+    odd_keeping_size,
     predict_probs,
     scaled_size,
     sliding_window_logits,
@@ -200,3 +201,84 @@ def test_evaluate_sets_eval_mode_and_accepts_iterables():
 def test_evaluate_rejects_protocol_without_scales():
     with pytest.raises(SegreproError):
         evaluate(oracle_forward, TinyDataset(), {"flip": True}, "cpu", 3, crop_size=4)
+
+
+# ----------------------------------------------------------------------------- small images: padding
+
+class RecordingForward:
+    """Logits of 2 classes, class 0 = the window's row index, class 1 = 0; records every input."""
+
+    def __init__(self):
+        self.inputs = []
+
+    def __call__(self, x):
+        self.inputs.append(x.clone())
+        rows = torch.arange(x.shape[-2], dtype=torch.float32).view(1, 1, -1, 1).expand(x.shape[0], 1, -1, x.shape[-1])
+        return torch.cat([rows, torch.zeros_like(rows)], dim=1)
+
+
+def test_pad_to_crop_feeds_the_crop_and_cuts_back():
+    """semseg tool/test.py scale_process: a 10x14 image under a 16 crop is padded centrally with
+    the mean (0 once normalised): 3 rows above, 1 column left; the model sees 16x16 and the
+    logits come back at 10x14, shifted by the padding."""
+    image = torch.randn(1, 3, 10, 14)
+    forward = RecordingForward()
+    logits = sliding_window_logits(forward, image, 2, crop_size=16, pad_to_crop=True)
+    assert [tuple(x.shape[-2:]) for x in forward.inputs] == [(16, 16)]
+    seen = forward.inputs[0]
+    assert torch.equal(seen[:, :, 3:13, 1:15], image)
+    assert seen[:, :, :3].abs().sum() == 0 and seen[:, :, 13:].abs().sum() == 0 and seen[..., 0].abs().sum() == 0
+    assert logits.shape == (1, 2, 10, 14)
+    assert torch.equal(logits[0, 0, :, 0], torch.arange(3, 13, dtype=torch.float32))
+    # The old way (pad none): the image at its own size.
+    forward = RecordingForward()
+    sliding_window_logits(forward, image, 2, crop_size=16)
+    assert [tuple(x.shape[-2:]) for x in forward.inputs] == [(10, 14)]
+
+
+@pytest.mark.parametrize("pad, seen", [("none", [(10, 10), (16, 16)]), ("each_scale", [(16, 16)])])
+def test_each_scale_padding_in_multi_scale_testing(pad, seen):
+    """Scale 0.5 of a 20x20 image is 10x10: padded up to the 16 crop with each_scale; scale 1.0
+    is tiled either way (16x16 windows over the image, padded along no side)."""
+    forward = RecordingForward()
+    probs = predict_probs(forward, torch.randn(1, 3, 20, 20), 2, scales=[0.5, 1.0], crop_size=(16, 16), pad=pad)
+    assert probs.shape == (2, 20, 20)
+    assert sorted({tuple(x.shape[-2:]) for x in forward.inputs}) == seen
+
+
+def test_before_scaling_pads_once_at_the_bottom_right():
+    """iSeg (HFGD): the 10x14 image is padded at its bottom and right to the 16 window, then
+    each test scale resizes that: 16x16 at 1.0, 8x8 at 0.5 (not padded again)."""
+    image = torch.randn(1, 3, 10, 14)
+    forward = RecordingForward()
+    probs = predict_probs(forward, image, 2, scales=[1.0, 0.5], crop_size=16, pad="before_scaling")
+    assert [tuple(x.shape[-2:]) for x in forward.inputs] == [(16, 16), (8, 8)]
+    full = forward.inputs[0]
+    assert torch.equal(full[:, :, :10, :14], image)
+    assert full[:, :, 10:].abs().sum() == 0 and full[:, :, :, 14:].abs().sum() == 0
+    assert probs.shape == (2, 10, 14)
+    # Scale 1.0 alone: class 0's logit is the row index from the image's top (padding below).
+    forward = RecordingForward()
+    alone = predict_probs(forward, image, 2, scales=[1.0], crop_size=16, pad="before_scaling")
+    torch.testing.assert_close(alone[0, :, 0], torch.sigmoid(torch.arange(10, dtype=torch.float32)))
+
+
+def test_iseg_test_sizes_keep_odd_sides_odd():
+    # iSeg utils/common.py get_scaled_size(pad_mode=1): floor, then +1 where an odd side turned even.
+    assert [odd_keeping_size(513, 512, f) for f in (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)] == [
+        (257, 256), (385, 384), (513, 512), (641, 640), (769, 768), (897, 896)]
+
+
+def test_unknown_pad_is_refused():
+    with pytest.raises(SegreproError, match="pad"):
+        evaluate(oracle_forward, TinyDataset(), {"scales": [1.0], "pad": "mirror"}, "cpu", 3, crop_size=4)
+    with pytest.raises(ValueError, match="pad"):
+        predict_probs(oracle_forward, torch.zeros(1, 3, 4, 4), 3, pad="mirror", crop_size=4)
+
+
+def test_evaluate_passes_the_protocols_pad():
+    forward = RecordingForward()
+    data = [(torch.randn(3, 5, 6), torch.zeros(5, 6, dtype=torch.long), "x")]
+    evaluate(forward, data, {"scales": [1.0], "flip": False, "pad": "each_scale"}, "cpu", 2, crop_size=9, progress=False)
+    assert [tuple(x.shape[-2:]) for x in forward.inputs] == [(9, 9)]
+

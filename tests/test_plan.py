@@ -23,8 +23,9 @@ TABLE = "results/tables/pspnet_table2.md"
 ITERATIONS = 6          # params/scales.yaml tiny.train.iterations
 STEP_SECONDS = 0.5      # the hand-written calibration
 WINDOW_SECONDS = 0.25
-# A tiny image is 64x48 and the eval crop 48: two windows (columns 0 and 16) per image at ss.
-EVAL_SECONDS = 4 * 2 * WINDOW_SECONDS
+# A tiny image is 64x48 and PSPNet's eval crop 49: padded to 49 rows, two windows (columns 0 and
+# 15) per image at ss, twice with PSPNet's flip.
+EVAL_SECONDS = 4 * 2 * 2 * WINDOW_SECONDS
 THREADS = str(torch.get_num_threads())  # the plan's subprocess must name the device as this one does
 
 
@@ -39,7 +40,7 @@ def write_calibration(rows: list[str]) -> Path:
         entries[plan.signature(config, 13, device)] = {
             "run": f"pspnet/{experiment}", "backbone": "resnet50s", "device": device, "date": "2026-01-01",
             "torch": torch.__version__, "scaled": None, "step_seconds": STEP_SECONDS,
-            "window_seconds": WINDOW_SECONDS, "eval_crop": [48, 48], "batch": 2}
+            "window_seconds": WINDOW_SECONDS, "eval_crop": [49, 49], "batch": 2}
     path = plan.calibration_path(device)
     plan.store_calibrations(path, device, entries)
     return path
@@ -207,6 +208,11 @@ def test_windows_follow_the_sliding_window_and_the_protocol():
         2 * 60 * 80 / 96**2)
     # base_size sets the long side first: 2048x1024 -> 512x256 at scale 1, tiled by 473 (2 columns).
     assert plan.windows_per_image((1024, 2048), {"scales": [1.0]}, 473, 512) == 2
+    # PSPNet pads every small scale up to the crop: a whole window each, twice with flip.
+    assert plan.windows_per_image((120, 160), {"scales": [0.5], "flip": True, "pad": "each_scale"}, 96, None) == 2
+    # HFGD pads once to the crop, then scales: 0.5 of the padded 96x160 is 48x80.
+    assert plan.windows_per_image((60, 160), {"scales": [0.5], "pad": "before_scaling"}, 96, None) == pytest.approx(
+        48 * 80 / 96**2)
 
 
 def test_schedule_waits_for_each_runs_training():

@@ -21,6 +21,9 @@ from .metrics import ConfusionMatrix
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
+# How an image smaller than the test window is fed (predict_probs).
+PADS = ("none", "each_scale", "before_scaling")
+
 
 def _pair(value: int | Sequence[int], what: str) -> tuple[int, int]:
     """Accept a square size (int) or an explicit (h, w)."""
@@ -71,19 +74,22 @@ def sliding_window_logits(
     num_classes: int,
     crop_size: int | Sequence[int],
     stride: int | Sequence[int] | None = None,
+    pad_to_crop: bool = False,
 ) -> torch.Tensor:
     """Logits (1,K,H,W) for one image (1,3,H,W), computed crop by crop as in the PSPNet protocol.
 
-    An image that fits in the crop is run whole. Otherwise it is zero-padded (0 is the mean
-    after normalisation) centrally up to at least the crop size, tiled with `stride`
-    (default ceil(2/3 crop), the PSPNet reference value), the logits of overlapping tiles are
-    averaged, and the padding is cut off again. Output is float32.
+    An image that fits in the crop is run whole, unless `pad_to_crop`. Otherwise it is
+    zero-padded (0 is the mean after normalisation) centrally up to at least the crop size,
+    tiled with `stride` (default ceil(2/3 crop), the PSPNet reference value), the logits of
+    overlapping tiles are averaged, and the padding is cut off again. Output is float32.
+    With `pad_to_crop` (semseg tool/test.py scale_process) the model always sees the crop size,
+    so its pooling sees the padded extent, as in training.
     """
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"expected one image of shape (1,C,H,W), got {tuple(image.shape)}")
     H, W = image.shape[-2:]
     ch, cw = _pair(crop_size, "crop_size")
-    if H <= ch and W <= cw:
+    if H <= ch and W <= cw and not pad_to_crop:
         return _run(forward, image, num_classes).float()
     if stride is None:
         sh, sw = math.ceil(2 * ch / 3), math.ceil(2 * cw / 3)
@@ -118,6 +124,15 @@ def scaled_size(height: int, width: int, scale: float, base_size: int | None = N
     return max(1, round_half_up(height * factor)), max(1, round_half_up(width * factor))
 
 
+def odd_keeping_size(height: int, width: int, factor: float) -> tuple[int, int]:
+    """Each side times `factor`, rounded down, plus one where that made an odd side even (iSeg
+    utils/common.py get_scaled_size, pad_mode 1, which HFGD's test scales use: 513 -> 257 at 0.5)."""
+    def side(n: int) -> int:
+        m = max(1, int(factor * n))
+        return m + 1 if m % 2 == 0 and n % 2 == 1 else m
+    return side(height), side(width)
+
+
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
@@ -131,17 +146,24 @@ def pass_probs(
     crop_size: int | Sequence[int],
     size: tuple[int, int],
     flipped: bool = False,
+    pad: str = "none",
 ) -> torch.Tensor:
     """Probabilities (1,K,H,W) of one test pass: resize to `size`, optionally mirror, predict.
 
     The mirrored pass flips the input and flips the prediction back, so both passes are
-    aligned with the original image before they are averaged.
+    aligned with the original image before they are averaged. `pad` as in predict_probs: with
+    "each_scale" a resized image smaller than the crop is padded up to it; with
+    "before_scaling" (the image given is already padded) the windows are at most the resized
+    image's size, so nothing is padded again (iSeg core_model.py inference_with_scale).
     """
     H, W = image.shape[-2:]
     x = _resize(image, size)
     if flipped:
         x = x.flip(-1)
-    logits = sliding_window_logits(forward, x, num_classes, crop_size)
+    if pad == "before_scaling":
+        crop_h, crop_w = _pair(crop_size, "crop_size")
+        crop_size = (min(crop_h, size[0]), min(crop_w, size[1]))
+    logits = sliding_window_logits(forward, x, num_classes, crop_size, pad_to_crop=pad == "each_scale")
     if flipped:
         logits = logits.flip(-1)
     probs = torch.softmax(logits.float(), dim=1)
@@ -156,23 +178,40 @@ def predict_probs(
     flip: bool = False,
     crop_size: int | Sequence[int] = 512,
     base_size: int | None = None,
+    pad: str = "none",
 ) -> torch.Tensor:
     """Class probabilities (K,H,W) of one image (1,3,H,W), averaged over scales and flips.
 
     Each pass: bilinear resize (align_corners=False), sliding-window logits, softmax, resize
-    back to H x W. All passes get equal weight.
+    back to H x W. All passes get equal weight. `pad` says how an image smaller than the crop
+    is fed (params.schema.yaml, $defs.pad): "none" at its own size; "each_scale" (PSPNet,
+    semseg tool/test.py) every resized image padded centrally up to the crop; "before_scaling"
+    (HFGD, iSeg data_process/pipeline.py PadAugment before core_model.py's test scales) the
+    image padded at its bottom and right up to the crop once, then resized per scale with
+    iSeg's sizes (odd_keeping_size) and the prediction cut back to H x W. Padding is 0: the
+    mean colour once normalised.
     """
     if not scales:
         raise ValueError("scales must not be empty")
+    if pad not in PADS:
+        raise ValueError(f"pad must be one of {', '.join(PADS)}, got {pad!r}")
     H, W = image.shape[-2:]
-    total = torch.zeros((num_classes, H, W), dtype=torch.float32, device=image.device)
+    if pad == "before_scaling":
+        crop_h, crop_w = _pair(crop_size, "crop_size")
+        image = F.pad(image, (0, max(crop_w - W, 0), 0, max(crop_h - H, 0)), value=0.0)
+    padded_h, padded_w = image.shape[-2:]
+    total = torch.zeros((num_classes, padded_h, padded_w), dtype=torch.float32, device=image.device)
     passes = 0
     for s in scales:
-        size = scaled_size(H, W, float(s), base_size)
+        if pad == "before_scaling":
+            factor = float(s) * (1.0 if base_size is None else base_size / max(H, W))
+            size = odd_keeping_size(padded_h, padded_w, factor)
+        else:
+            size = scaled_size(H, W, float(s), base_size)
         for flipped in (False, True) if flip else (False,):
-            total += pass_probs(forward, image, num_classes, crop_size, size, flipped)[0]
+            total += pass_probs(forward, image, num_classes, crop_size, size, flipped, pad)[0]
             passes += 1
-    return total / passes
+    return total[:, :H, :W] / passes
 
 
 def _iterate(dataset) -> Iterable:
@@ -195,8 +234,8 @@ def evaluate(
 ) -> ConfusionMatrix:
     """Run a test protocol over a dataset of (image (3,H,W), label (H,W), id) and count pixels.
 
-    `protocol` = {"scales": [...], "flip": bool}; other keys (a name, a description) are
-    ignored. Images are processed one at a time because
+    `protocol` = {"scales": [...], "flip": bool, "pad": str (default "none")}; other keys (a
+    name, a description) are ignored. Images are processed one at a time because
     their sizes may differ. On CUDA the forward passes run under bf16 autocast; the
     accumulation of logits and probabilities stays float32. The model must already be on
     `device`; an `nn.Module` is switched to eval mode here.
@@ -205,8 +244,11 @@ def evaluate(
         raise SegreproError(f"test protocol {protocol!r} has no 'scales'")
     scales = [float(s) for s in protocol["scales"]]
     flip = bool(protocol.get("flip", False))
+    pad = protocol.get("pad", "none")
     if not scales:
         raise SegreproError("test protocol has an empty 'scales' list")
+    if pad not in PADS:
+        raise SegreproError(f"test protocol {protocol!r}: pad must be one of {', '.join(PADS)}")
 
     device = torch.device(device)
     if isinstance(forward, torch.nn.Module):
@@ -225,6 +267,6 @@ def evaluate(
         ):
             image = torch.as_tensor(image).to(device, torch.float32).unsqueeze(0)
             label = torch.as_tensor(label).to(device)
-            probs = predict_probs(forward, image, num_classes, scales, flip, crop_size, base_size)
+            probs = predict_probs(forward, image, num_classes, scales, flip, crop_size, base_size, pad)
             cm.update(probs.argmax(0), label)
     return cm

@@ -253,16 +253,23 @@ def _declared_split(params: Params, dataset: str, split: str | None):
 def windows_per_image(size: tuple[int, int], protocol: dict, crop_size, base_size: int | None) -> float:
     """Forward passes of one eval-crop window that a test protocol costs for an image of `size`
     (h, w), as segrepro.inference runs it: per scale (x2 with flip) the image is resized, then
-    run whole if it fits in the crop (time taken as proportional to its pixels) or else padded to
-    the crop and tiled with a stride of 2/3 of the crop (PSPNet's sliding window)."""
-    from segrepro.inference import scaled_size, tile_starts
+    run whole if it fits in the crop (time taken as proportional to its pixels; a whole window
+    with the protocol's pad "each_scale") or else padded to the crop and tiled with a stride of
+    2/3 of the crop (PSPNet's sliding window); with pad "before_scaling" the image is first
+    padded to the crop and that is what each scale resizes."""
+    from segrepro.inference import odd_keeping_size, scaled_size, tile_starts
 
     crop_h, crop_w = crop_pair(crop_size)
+    pad = protocol.get("pad", "none")
     total = 0.0
     for scale in protocol["scales"]:
-        h, w = scaled_size(size[0], size[1], float(scale), base_size)
+        if pad == "before_scaling":
+            factor = float(scale) * (1.0 if base_size is None else base_size / max(size))
+            h, w = odd_keeping_size(max(size[0], crop_h), max(size[1], crop_w), factor)
+        else:
+            h, w = scaled_size(size[0], size[1], float(scale), base_size)
         if h <= crop_h and w <= crop_w:
-            windows = h * w / (crop_h * crop_w)
+            windows = 1.0 if pad == "each_scale" else h * w / (crop_h * crop_w)
         else:
             rows = tile_starts(max(h, crop_h), crop_h, math.ceil(2 * crop_h / 3))
             columns = tile_starts(max(w, crop_w), crop_w, math.ceil(2 * crop_w / 3))

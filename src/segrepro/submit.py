@@ -153,7 +153,8 @@ def _predictions(model, images: SplitImages, protocol: dict, settings: dict, dev
             image, image_id = images[index]
             x = image.to(device, torch.float32).unsqueeze(0)
             probs = inference.predict_probs(model.predict, x, num_classes, scales, bool(protocol.get("flip", False)),
-                                            settings["crop_size"], settings.get("base_size"))
+                                            settings["crop_size"], settings.get("base_size"),
+                                            protocol.get("pad", "none"))
             yield image_id, probs.argmax(0).to(torch.uint8).cpu().numpy()
 
 
