@@ -294,8 +294,9 @@ def test_eval_only_settings_never_retrain(built):
     # `ms` is not a protocol of table1: nothing to redo.
     with edited(scales, {"tiny": {"eval": {"protocols": {"ms": {"scales": [0.5, 1.0, 1.5]}}}}}):
         assert dry_run(built) == []
-    # `ss` is: every evaluation and the table, but no training.
-    with edited(scales, {"tiny": {"eval": {"protocols": {"ss": {"scales": [1.0], "flip": True}}}}}):
+    # `ss` is (PSPNet declares its own, with the mirrored pass): every evaluation and the table,
+    # but no training.
+    with edited(built.root / "params/papers/pspnet.yaml", {"eval": {"protocols": {"ss": {"scales": [1.0], "flip": False}}}}):
         jobs = dry_run(built)
     expected = Counter({("evaluate", e): 1 for e in table_experiments(built.root)})
     expected[("table", None)] = 1
