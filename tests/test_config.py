@@ -310,6 +310,26 @@ def test_workflow_defaults_are_filled():
     assert params.workflow == {"scale": "tiny", "seeds": [0], "dataset": None, "sources": {}, "mlflow_uri": None}
 
 
+def test_seeds_default_per_scale_unless_given():
+    """The demo scale trains three seeds, tiny (the tests) and paper one; `--config seeds=` wins."""
+    params = load_params(REPO, workflow={"scale": "demo"})
+    assert params.workflow["seeds"] == [0, 1, 2]
+    assert (params.seeds("tiny"), params.seeds("paper")) == ([0], [0])
+    given = load_params(REPO, workflow={"scale": "demo", "seeds": ["4"]})  # as Snakemake passes it
+    assert given.workflow["seeds"] == [4] and given.seeds("tiny") == [4]
+
+
+def test_tables_are_named_in_numeric_order():
+    from segrepro.config import natural_sorted
+
+    assert natural_sorted(["hfgd_table10", "hfgd_table9", "tableB", "table10", "table9", "tableA"]) == [
+        "hfgd_table9", "hfgd_table10", "table9", "table10", "tableA", "tableB"]
+    with pytest.raises(SegreproError, match="unknown table") as info:
+        load_params(REPO, workflow={"scale": "tiny"}).table("nope")
+    message = str(info.value)
+    assert message.index("hfgd_table9,") < message.index("hfgd_table10,") < message.index("hfgd_table11,")
+
+
 @pytest.mark.parametrize("call, culprit", [
     (lambda p: p.resolve("pspnet", "psp51", "tiny"), "psp51"),
     (lambda p: p.experiment("pspnet", "psp51"), "psp51"),

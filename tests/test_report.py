@@ -15,13 +15,16 @@ from test_workflow import build_from_nothing, project_env, snakemake
 from segrepro import claims, paths
 from segrepro.config import deep_merge, load_params
 from segrepro.provenance import config_hash, training_config
+from segrepro.bootstrap import Interval
 from segrepro.tables import (
-    NOT_REPRODUCED,
+    CONTRADICTED,
+    NOT_TOLD_APART,
     REPRODUCED,
-    WITHIN_SPREAD,
+    VERDICTS,
     build_table,
     parse_claims,
     verdict_line,
+    verdict_of,
     write_table,
 )
 from segrepro.train import CURVE, LOG, train
@@ -29,14 +32,21 @@ from segrepro.train import CURVE, LOG, train
 # ----------------------------------------------------------------------------- verdicts
 
 
-@pytest.mark.parametrize("holds, spread, verdict", [
-    (True, False, REPRODUCED),
-    (True, True, WITHIN_SPREAD),  # the direction holds, the difference does not clear the spread
-    (False, False, NOT_REPRODUCED),
-    (False, True, NOT_REPRODUCED),
+@pytest.mark.parametrize("intervals, verdict", [
+    ([Interval(1.0, 0.5, "images"), Interval(2.0, 1.9, "images")], REPRODUCED),  # every one above zero
+    ([Interval(1.0, 1.5, "images"), Interval(2.0, 0.1, "images")], NOT_TOLD_APART),  # one straddles zero
+    ([Interval(1.0, 0.5, "images"), Interval(-2.0, 1.0, "images")], CONTRADICTED),  # one below zero
+    ([Interval(3.0, None, "none")], NOT_TOLD_APART),  # no interval: never told apart
+    ([Interval(3.0, None, "none"), Interval(-2.0, 1.0, "seeds")], CONTRADICTED),
+    ([Interval(-1.0, 0.0, "exact")], CONTRADICTED),  # a count: its sign decides
 ])
-def test_a_verdict_line_parses_back(holds, spread, verdict):
-    line = verdict_line("A > B (both | sides)", holds, spread, "GMACs: a 1.00 < b 2.00", "paper's numbers agree")
+def test_the_verdict_of_intervals(intervals, verdict):
+    assert verdict_of(intervals) == verdict
+
+
+@pytest.mark.parametrize("verdict", VERDICTS)
+def test_a_verdict_line_parses_back(verdict):
+    line = verdict_line("A > B (both | sides)", verdict, "GMACs: a 1.00 < b 2.00", "paper's numbers agree")
     assert line.startswith(f"- {verdict}: A > B (both | sides)")
     markdown = f"# t\n\n| x |\n|---|\n\n## Claims\n\n{line}\n- not a verdict\n\n## Next section\n- {REPRODUCED}: no — x (y)\n"
     assert parse_claims(markdown) == [{"verdict": verdict, "claim": "A > B (both | sides)",
@@ -65,15 +75,15 @@ def test_the_claims_summary_takes_built_verdicts_and_lists_the_rest(project, seg
     params = load_params()
     spec = params.paper("pspnet")["tables"]["pspnet_table3"]
     experiments = {row["experiment"] for row in spec["rows"]}
-    # Two seeds, every row a point apart with a spread of 2: directions hold, none clears the spread.
+    # Two seeds, every row a point apart with a spread of 2: directions hold, no interval clears zero.
     ranked = {e: [40.0 + i - 1, 40.0 + i + 1] for i, e in enumerate(sorted(experiments))}
     write_built_table("pspnet_table3", spec, ranked, [0, 1])
 
     records = claims.collect(params, "tiny")
     built = [r for r in records if r["table"] == "pspnet_table3"]
     assert len(built) == len(spec["claims"]) and all(r["seeds"] == "0, 1" and r["scale"] == "tiny" for r in built)
-    assert {r["verdict"] for r in built} <= {NOT_REPRODUCED, WITHIN_SPREAD}
-    assert REPRODUCED not in {r["verdict"] for r in built}  # nothing clears a spread of 1.41 with gaps of 1
+    # Gaps of 1 to 2 against half-widths of t(df) · sqrt(2 · (1/2 + 1/2)) > 2.8: none told apart.
+    assert {r["verdict"] for r in built} == {NOT_TOLD_APART}
     others = [r for r in records if r["table"] != "pspnet_table3"]
     assert others and all(r["verdict"] == claims.NOT_YET_RUN for r in others)
     table1 = next(r for r in others if r["table"] == "pspnet_table1")
@@ -86,8 +96,21 @@ def test_the_claims_summary_takes_built_verdicts_and_lists_the_rest(project, seg
     result = segrepro("claims", "--scale", "tiny", "--out", "results/claims.md")
     assert result.returncode == 0, result.stderr
     text = (project / "results/claims.md").read_text()
-    assert text == result.stdout and "counts as reproduced only when every difference" in text
+    assert text == result.stdout and "when every interval lies on the paper's side of zero" in text
+    assert f"{len(spec['claims'])} {NOT_TOLD_APART}" in text.split("## pspnet (")[1].splitlines()[0]
     assert text.count("| pspnet_table3 |") == len(spec["claims"])
+
+
+def test_a_table_built_before_the_three_verdicts_counts_as_not_yet_run(project):
+    """Its claims lines no longer parse: `segrepro claims` offers the command that rebuilds it
+    instead of dropping its claims."""
+    params = load_params()
+    path = paths.table_path("pspnet_table3")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# pspnet_table3: x\n\n- Seeds: 0\n\n## Claims\n\n- ❌ not reproduced: a — b (c)\n")
+    records = [r for r in claims.collect(params, "tiny") if r["table"] == "pspnet_table3"]
+    spec = params.paper("pspnet")["tables"]["pspnet_table3"]
+    assert len(records) == len(spec["claims"]) and all(r["verdict"] == claims.NOT_YET_RUN for r in records)
 
 
 # ----------------------------------------------------------------------------- training curve

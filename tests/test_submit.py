@@ -252,7 +252,7 @@ def test_test_server_rows_render_the_file_to_upload():
                "hr48@ms": [{"submission": "a.zip", "stand_in": False}, {"submission": "b.zip", "stand_in": False}]}
     text, frame = build_table("table2", SPEC, results, HEADER)
     assert text.split("\n\n", 2)[2] == (
-        "| Method | Score (%) paper | Score (%) ours | Score (%) Δ |\n"
+        "| Method | Score (%) paper | Score (%) reproduced | Score (%) Δ |\n"
         "|---|:---:|:---:|:---:|\n"
         "| ours, ResNet101 | 56.67 | test-server score: submit `results/r101.zip` to"
         " [MIT Scene Parsing Benchmark](http://sceneparsing.csail.mit.edu/) | – |\n"
@@ -260,7 +260,7 @@ def test_test_server_rows_render_the_file_to_upload():
         " [MIT Scene Parsing Benchmark](http://sceneparsing.csail.mit.edu/) | – |\n"
         "\n"
         "Every row of this table is a test-server score: the benchmark's test labels are not public, so the"
-        " pipeline writes the file to upload (named in our column) and the score exists only once the server"
+        " pipeline writes the file to upload (named in the reproduced column) and the score exists only once the server"
         " has evaluated it; there is no Δ and no claim to check.\n"
     )
     assert frame["submission"].tolist() == ["results/r101.zip", "a.zip; b.zip"]
@@ -346,15 +346,17 @@ def test_cli_submits_and_the_table_names_the_zips(project, capsys):
     assert "- Commit: abc1234" in text
 
 
-@pytest.mark.parametrize("scale, datasets", [("demo", {"synthetic"}), ("paper", {"ade20k", "cityscapes"})])
-def test_dry_run_plans_submissions_not_evaluations(project, scale, datasets):
+@pytest.mark.parametrize("scale, datasets, seeds", [("demo", {"synthetic"}, 3), ("paper", {"ade20k", "cityscapes"}, 1)])
+def test_dry_run_plans_submissions_not_evaluations(project, scale, datasets, seeds):
     targets = ["results/tables/table2.md", "results/tables/hfgd_table14.md"]
     result = snakemake(project, *targets, "-n", "--cores", "1", "--config", f"scale={scale}")
     assert result.returncode == 0, result.stdout[-3000:]
     jobs = planned_jobs(result.stdout)
     submits = sorted((w["paper"], w["experiment"], w["protocol"], w["dataset"]) for rule, w in jobs if rule == "submit")
-    assert [s[:3] for s in submits] == [("hfgd", "convnext_usfpn_cae_hfgm_os2", "ms"),
-                                         ("saf", "I_hrnet48", "ms"), ("saf", "I_resnet101", "ms")]
+    # One submission per seed: the scale's default seeds (params/scales.yaml).
+    assert [s[:3] for s in submits[::seeds]] == [("hfgd", "convnext_usfpn_cae_hfgm_os2", "ms"),
+                                                  ("saf", "I_hrnet48", "ms"), ("saf", "I_resnet101", "ms")]
+    assert len(submits) == 3 * seeds
     assert {s[3] for s in submits} == datasets
     assert not [rule for rule, _ in jobs if rule == "evaluate"]
     assert sum(rule == "table" for rule, _ in jobs) == 2

@@ -71,7 +71,7 @@ def table_cells(text):
 
 
 def claim_lines(text):
-    return text.split("## Claims", 1)[1].strip().splitlines()
+    return [line for line in text.split("## Claims", 1)[1].strip().splitlines() if line.startswith("- ")]
 
 
 def test_refs_and_keys():
@@ -89,7 +89,7 @@ def test_one_seed_cells_and_header():
     for line in ("- Dataset: ade20k", "- Scale: tiny", "- Backbone: resnet50s", "- Iterations: 100",
                  "- Seeds: 0", "- Commit: abc1234", "Synthetic numbers for a test."):
         assert line in text.splitlines()
-    assert "| Method | mIoU (%) paper | mIoU (%) ours | mIoU (%) Δ | Pixel Acc. (%) paper |" in text
+    assert "| Method | mIoU (%) paper | mIoU (%) reproduced | mIoU (%) Δ | Pixel Acc. (%) paper |" in text
     cells = table_cells(text)
     assert cells["Baseline"] == ["37.23", "36.00", "−1.23", "78.01", "78.01", "0.00"]
     assert cells["PSPNet"] == ["41.68", "42.00", "+0.32", "80.04", "80.50", "+0.46"]
@@ -101,14 +101,17 @@ def test_one_seed_cells_and_header():
     assert pd.isna(frame.loc[2, "pixel_acc_paper"]) and pd.isna(frame.loc[2, "pixel_acc_delta"])
 
 
-def test_one_seed_claims_not_reproduced():
+def test_one_seed_without_per_image_counts_has_no_interval():
+    """Metrics files without per-image counts and one seed: no interval, so no claim is told
+    apart (the old rule called "MS helps" false on one number against another)."""
     text, _ = build_table("test_table", SPEC, one_seed(), HEADER)
     pairs, best = claim_lines(text)
     assert pairs == (
-        "- ❌ not reproduced: PSP beats FCN and MS helps — psp50 42.00 > fcn 36.00; "
-        "psp50@ms 41.50 ≤ psp50 42.00 (paper's numbers agree)"
+        "- ➖ not told apart: PSP beats FCN and MS helps — psp50 42.00 vs fcn 36.00: Δ +6.00, no interval; "
+        "psp50@ms 41.50 vs psp50 42.00: Δ −0.50, no interval [no interval: one seed and no per-image statistics (metrics written before they were stored)] (paper's numbers agree)"
     )
-    assert best == "- ❌ not reproduced: MS is best — psp50@ms 41.50 vs best psp50 42.00 (paper's numbers agree)"
+    assert best == ("- ➖ not told apart: MS is best — psp50@ms 41.50 vs psp50 42.00: Δ −0.50, no interval "
+                    "[no interval: one seed and no per-image statistics (metrics written before they were stored)] (paper's numbers agree)")
 
 
 def test_three_seeds_mean_std_and_spread():
@@ -122,13 +125,15 @@ def test_three_seeds_mean_std_and_spread():
     assert frame.loc[1, "miou_ours_std"] == pytest.approx(1.0)
     assert frame.loc[1, "miou_n_seeds"] == 3
     pairs, best = claim_lines(text)
+    # Seeds only: pooled variance (2·1 + 2·1 + 2·0.25) / 6 = 0.75 with 6 degrees of freedom;
+    # half-width t(0.975, 6) · sqrt(0.75 · (1/3 + 1/3)) = 2.4469 · 0.7071 = 1.73.
     assert pairs == (
-        "- ➖ within the seeds' spread: PSP beats FCN and MS helps — psp50 42.00 > fcn 37.00; "
-        "psp50@ms 42.50 > psp50 42.00 (paper's numbers agree)"
+        "- ➖ not told apart: PSP beats FCN and MS helps — psp50 42.00 vs fcn 37.00: Δ +5.00 ± 1.73; "
+        "psp50@ms 42.50 vs psp50 42.00: Δ +0.50 ± 1.73 [no per-image statistics (metrics written before they were stored): the intervals count the seeds only] (paper's numbers agree)"
     )
     assert best == (
-        "- ➖ within the seeds' spread: MS is best — psp50@ms 42.50 vs next best psp50 42.00 "
-        "(paper's numbers agree)"
+        "- ➖ not told apart: MS is best — psp50@ms 42.50 vs psp50 42.00: Δ +0.50 ± 1.73 "
+        "[no per-image statistics (metrics written before they were stored): the intervals count the seeds only] (paper's numbers agree)"
     )
 
 
@@ -141,8 +146,10 @@ def test_claim_clear_of_spread_and_paper_disagreeing():
     results["psp50@ms"] = runs([45.0, 45.5, 46.0])
     text, _ = build_table("test_table", spec, results, HEADER)
     first, second = claim_lines(text)
-    assert first == "- ✅ reproduced: PSP beats FCN — psp50 42.00 > fcn 37.00 (paper's numbers agree)"
-    assert second == "- ✅ reproduced: MS helps — psp50@ms 45.50 > psp50 42.00 (paper's numbers disagree)"
+    assert first == ("- ✅ reproduced: PSP beats FCN — psp50 42.00 vs fcn 37.00: Δ +5.00 ± 1.73 "
+                     "[no per-image statistics (metrics written before they were stored): the intervals count the seeds only] (paper's numbers agree)")
+    assert second == ("- ✅ reproduced: MS helps — psp50@ms 45.50 vs psp50 42.00: Δ +3.50 ± 1.73 "
+                      "[no per-image statistics (metrics written before they were stored): the intervals count the seeds only] (paper's numbers disagree)")
 
 
 def test_claim_on_other_metric():
@@ -150,7 +157,8 @@ def test_claim_on_other_metric():
     spec["claims"] = [{"claim": "PSP has higher accuracy", "better": ["psp50"], "than": ["fcn"], "metric": "pixel_acc"}]
     text, _ = build_table("test_table", spec, one_seed(), HEADER)
     assert claim_lines(text) == [
-        "- ✅ reproduced: PSP has higher accuracy — Pixel Acc. (%): psp50 80.50 > fcn 78.01 (paper's numbers agree)"
+        "- ➖ not told apart: PSP has higher accuracy — Pixel Acc. (%): psp50 80.50 vs fcn 78.01: Δ +2.49, no interval "
+        "[no interval: one seed and no per-image statistics (metrics written before they were stored)] (paper's numbers agree)"
     ]
 
 
@@ -274,8 +282,9 @@ def flops_results():
 def test_computation_claims_count_lower_as_better():
     text, frame = build_table("t9", FLOPS_SPEC, flops_results(), HEADER, COUNTS)
     claims = text.split("## Claims")[1]
-    assert "✅ reproduced: Ours is cheaper than dilation — GMACs: ours 60.00 < d8 102.00 (paper's numbers agree)" in claims
-    assert "✅ reproduced: Other is the cheapest — GMACs: other 25.00 vs next best ours 60.00" in claims
+    # A count has no uncertainty: the verdict is its sign, with no interval and no remark.
+    assert "✅ reproduced: Ours is cheaper than dilation — GMACs: ours 60.00 vs d8 102.00: Δ −42.00 (paper's numbers agree)" in claims
+    assert "✅ reproduced: Other is the cheapest — GMACs: other 25.00 vs ours 60.00: Δ −35.00 (paper's numbers agree)" in claims
     assert list(frame["gmacs_delta"]) == pytest.approx([2.0, 10.0, 5.0])
 
 

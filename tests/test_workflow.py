@@ -216,7 +216,7 @@ def test_tiny_table_markdown_has_every_number(built):
             (root / "results/metrics/tiny" / TINY / "pspnet" / declared["experiment"] / "seed0/ss.json").read_text())
         for metric, name in (("miou", "mIoU (%)"), ("pixel_acc", "Pixel Acc. (%)")):
             paper = row[metric_columns[f"{name} paper"]]
-            ours = row[metric_columns[f"{name} ours"]]
+            ours = row[metric_columns[f"{name} reproduced"]]
             delta = row[metric_columns[f"{name} Δ"]]
             assert NUMBER.match(ours) and NUMBER.match(delta), row
             assert 0.0 <= to_float(ours) <= 100.0
@@ -230,7 +230,12 @@ def test_tiny_table_markdown_has_every_number(built):
     verdicts = [line for line in claims[1].splitlines() if line.startswith("- ")]
     assert len(verdicts) == len(spec["claims"]) == 5
     for line, claim in zip(verdicts, spec["claims"]):
-        assert re.match(rf"- (✅ reproduced|❌ not reproduced|➖ within the seeds' spread): {re.escape(claim['claim'])}", line), line
+        assert re.match(rf"- (✅ reproduced|❌ contradicted|➖ not told apart): {re.escape(claim['claim'])}", line), line
+        # One seed with per-image counts: every difference has an interval over the test images.
+        assert re.search(r"Δ [+−]?\d+\.\d\d ± \d+\.\d\d", line) and "one seed: the intervals count the test images" in line
+    for declared in spec["rows"]:
+        folder = root / "results/metrics/tiny" / TINY / "pspnet" / declared["experiment"] / "seed0"
+        assert (folder / "ss.per_image.npz").is_file()
 
 
 @pytest.mark.slow
@@ -375,7 +380,7 @@ def test_two_seeds_make_mean_and_std_cells(built_copy):
     frame = pd.read_csv(root / TABLE_CSV)
     for row, (_, record) in zip(rows, frame.iterrows()):
         for metric, name in (("miou", "mIoU (%)"), ("pixel_acc", "Pixel Acc. (%)")):
-            cell = row[header.index(f"{name} ours")]
+            cell = row[header.index(f"{name} reproduced")]
             mean, sep, std = cell.partition(" ± ")
             assert sep and NUMBER.match(mean) and NUMBER.match(std), cell
             # Two values d apart: sample std d / sqrt(2).
@@ -408,8 +413,9 @@ def test_dry_run_of_every_target(project, scale):
     hfgd_evaluate = 49 + 4 + (3 + 4 + 2 * 4 if paper else 0)
     # 23 ablation tables (with the three papers' open defaults), 7 SOTA ones (SaF 1, 3, 4; HFGD 10,
     # 11, 13, 15, 16), 2 test-server ones, 2 efficiency ones (SaF 5, B: timed, not trained).
+    seeds = 1 if paper else 3  # the scale's default seeds (params/scales.yaml)
     assert (stats["train"], stats["evaluate"], stats["table"], stats["all"]) == (
-        15 + saf + hfgd_train, 19 + saf + hfgd_evaluate, 34, 1), stats
+        seeds * (15 + saf + hfgd_train), seeds * (19 + saf + hfgd_evaluate), 34, 1), stats
     assert (stats["figure"], stats["pyramids"], stats["pyramid_stats"], stats["flops"], stats["efficiency"]) == (
         2, 1, 1, 1, 2), stats
     # The scale's datasets are not in data/ yet; SaF's ablations use a fixed-seed subset of ADE20K.

@@ -1,10 +1,9 @@
-"""Every claim the tables check, across the three papers: reproduced, not reproduced, or not yet
-run, with our numbers and the seeds behind each.
+"""Every claim the tables check, across the three papers: reproduced, contradicted, not told
+apart, or not yet run, with our numbers and the seeds behind each.
 
 The verdicts are the ones the built tables wrote (their `## Claims` sections, see
-segrepro.tables.verdict_line); a table not built yet contributes its declared claims as "not yet
-run", with the command that builds it. With several seeds a claim counts as reproduced only when
-every difference it rests on exceeds the seeds' spread.
+segrepro.tables.verdict_line); a table not built yet, or built before its claims had these
+verdicts, contributes its declared claims as "not yet run", with the command that builds it.
 """
 
 from __future__ import annotations
@@ -15,14 +14,23 @@ from pathlib import Path
 
 from segrepro import paths
 from segrepro.atomic import write_text
-from segrepro.tables import NOT_REPRODUCED, REPRODUCED, WITHIN_SPREAD, parse_claims
+from segrepro.tables import (
+    CONTRADICTED,
+    NOT_DECISIVE,
+    NOT_TOLD_APART,
+    PAPER_MARGIN,
+    REPRODUCED,
+    parse_claims,
+)
 
 NOT_YET_RUN = "⏳ not yet run"
-VERDICTS = (REPRODUCED, NOT_REPRODUCED, WITHIN_SPREAD, NOT_YET_RUN)
-RULE = ("With several seeds, a claim counts as reproduced only when every difference it rests on exceeds "
-        "the seeds' spread (the larger sample standard deviation of the two rows compared); "
-        f"'{WITHIN_SPREAD}' means the direction holds but does not clear that spread: not reproduced. "
-        "With one seed there is no spread to compare: the verdict rests on the direction alone.")
+VERDICTS = (REPRODUCED, CONTRADICTED, NOT_TOLD_APART, NOT_YET_RUN)
+RULE = ("Each difference a claim rests on carries a 95 % interval over the test images (paired bootstrap) "
+        f"and the seeds (their spread): '{REPRODUCED}' when every interval lies on the paper's side of zero, "
+        f"'{CONTRADICTED}' when one lies on the other side, '{NOT_TOLD_APART}' otherwise. With one seed the "
+        "intervals count the test images only; without per-image statistics the seeds only, and with neither "
+        f"a claim stays '{NOT_TOLD_APART}'. '{NOT_DECISIVE}': the paper's own margin is under "
+        f"{PAPER_MARGIN:g} mIoU, the usual run-to-run spread of one recipe.")
 _HEADER_LINE = re.compile(r"^- (?P<key>[A-Z][A-Za-z ]*): (?P<value>.*)$")
 LEVEL_MATRIX_CLAIM = "For every assignment level ℓ, the semantic level ℓ' = ℓ has the highest mIoU"
 
@@ -58,10 +66,11 @@ def collect(params, scale: str | None = None) -> list[dict]:
         for name, spec in registry["tables"].items():
             base = {"paper": paper, "table": name, "title": spec["title"]}
             path = paths.table_path(name)
-            if path.exists():
-                markdown = path.read_text()
+            markdown = path.read_text() if path.exists() else ""
+            judged = parse_claims(markdown)
+            if judged or (markdown and not declared_claims(spec)):
                 header = table_header(markdown)
-                for claim in parse_claims(markdown):
+                for claim in judged:
                     records.append({**base, "claim": claim["claim"], "verdict": claim["verdict"],
                                     "evidence": claim["evidence"], "paper_note": claim["paper"],
                                     "seeds": header.get("seeds", "?"), "scale": header.get("scale", "?")})
@@ -80,7 +89,9 @@ def counts(records: list[dict]) -> dict[str, int]:
 
 def summary_line(records: list[dict]) -> str:
     tally = counts(records)
-    return f"{len(records)} claims: " + ", ".join(f"{tally[v]} {v}" for v in VERDICTS)
+    undecided = sum(NOT_DECISIVE in record["paper_note"] for record in records)
+    return (f"{len(records)} claims: " + ", ".join(f"{tally[v]} {v}" for v in VERDICTS)
+            + f"; {undecided} {NOT_DECISIVE}")
 
 
 def to_markdown(records: list[dict]) -> str:

@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from segrepro import paths
-from segrepro.config import Params, load_params
+from segrepro.config import Params, load_params, natural_sorted
 from segrepro.errors import SegreproError
 
 
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--seeds", type=int, nargs="+")
     report.add_argument("--out", type=Path, default=Path("results/report.html"))
 
-    claims = commands.add_parser("claims", help="every claim the tables check: reproduced or not, or not yet run")
+    claims = commands.add_parser("claims", help="every claim the tables check: reproduced, contradicted, not told apart, or not yet run")
     claims.add_argument("--scale")
     claims.add_argument("--out", type=Path, help="also write this Markdown file (e.g. results/claims.md)")
 
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve(params: Params, args) -> dict:
     scale = args.scale or params.workflow["scale"]
-    seed = args.seed if args.seed is not None else params.workflow["seeds"][0]
+    seed = args.seed if args.seed is not None else params.seeds(scale)[0]
     return params.resolve(args.paper, args.experiment, scale, args.dataset or params.workflow["dataset"], seed)
 
 
@@ -273,7 +273,7 @@ def cmd_table(params: Params, args) -> None:
     from segrepro.tables import write_paper_table
 
     scale = args.scale or params.workflow["scale"]
-    seeds = args.seeds or params.workflow["seeds"]
+    seeds = args.seeds or params.seeds(scale)
     out = args.out or paths.table_path(args.name)
     write_paper_table(params, args.name, scale, args.dataset or params.workflow["dataset"], seeds, out)
     print(f"wrote {out}")
@@ -303,7 +303,7 @@ def cmd_figure(params: Params, args) -> None:
 
     paper, spec = params.figure(args.name)
     scale = args.scale or params.workflow["scale"]
-    seed = args.seed if args.seed is not None else params.workflow["seeds"][0]
+    seed = args.seed if args.seed is not None else params.seeds(scale)[0]
     config = params.resolve(paper, spec["experiment"], scale, args.dataset or params.workflow["dataset"], seed)
     out = args.out or paths.figure_path(args.name)
     draw_figure(spec, config, out)
@@ -365,7 +365,7 @@ def cmd_list(params: Params, args) -> None:
     for paper, registry in params.papers.items():
         print(f"{paper}: {registry['title']}")
         print(f"  experiments: {', '.join(registry['experiments'])}")
-        print(f"  tables: {', '.join(registry['tables'])}")
+        print(f"  tables: {', '.join(natural_sorted(registry['tables']))}")
 
 
 def cmd_tracking_init(params: Params, args) -> None:

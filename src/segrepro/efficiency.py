@@ -26,13 +26,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from segrepro import atomic, paths
 from segrepro.errors import SegreproError
 from segrepro.provenance import git_commit
-from segrepro.tables import MISSING, write_table
+from segrepro.tables import CONTRADICTED, MISSING, NOT_TOLD_APART, REPRODUCED, verdict_line, write_table
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PROBE = "segrepro.efficiency_probe"
 # metric -> (display name, higher is better)
@@ -320,9 +322,10 @@ def _judge_claim(claim: dict, ours: dict, paper: dict, labels: dict) -> str:
         note = "paper's numbers: incomplete"
     else:
         note = "paper's numbers agree" if all(better(x, y) for x, y in reported) else "paper's numbers disagree"
-    verdict = "✅ reproduced" if holds else "❌ not reproduced"
-    mark = f" (within {NOISE:.0%}: not told apart)" if close else ""
-    return f"- {verdict}: {claim['claim']}{mark} — {display}: {'; '.join(parts)} ({note})"
+    # The timing's own noise band instead of an interval: within it the rows are not told apart.
+    verdict = NOT_TOLD_APART if close else REPRODUCED if holds else CONTRADICTED
+    mark = f" [within {NOISE:.0%}, the timing noise]" if close else ""
+    return verdict_line(claim["claim"], verdict, f"{display}: {'; '.join(parts)}{mark}", note)
 
 
 def header_lines(name: str, spec: dict, record: dict) -> list[str]:
@@ -421,6 +424,8 @@ def build_efficiency_table(name: str, spec: dict, record: dict) -> tuple[str, pd
     claims = spec.get("claims") or []
     if claims:
         text += ["", "## Claims", ""] + [_judge_claim(claim, ours, paper, labels) for claim in claims]
+    import pandas as pd  # not at the top: the workflow imports this module while it builds its DAG
+
     return "\n".join(text) + "\n", pd.DataFrame.from_records(records)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from segrepro import atomic, inference, paths, tracking
+from segrepro import atomic, bootstrap, inference, paths, tracking
 from segrepro.data import SegmentationDataset
 from segrepro.errors import SegreproError
 from segrepro.provenance import git_commit
@@ -38,7 +38,7 @@ def evaluate_run(config: dict, model_path: Path, protocol: str, output: Path,
     matrix = inference.evaluate(
         model.predict, dataset, settings["protocols"][protocol], dev, dataset.num_classes,
         ignore_index=dataset.ignore_index, crop_size=settings["crop_size"],
-        base_size=settings.get("base_size"),
+        base_size=settings.get("base_size"), per_image=True,
     )
     seconds = time.time() - began
     summary = matrix.summary(dataset.class_names)
@@ -66,6 +66,11 @@ def evaluate_run(config: dict, model_path: Path, protocol: str, output: Path,
         )
     if dev.type == "cuda":
         metrics["eval_peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    # Per test image and class TP/FP/FN, for the claims' paired bootstrap (segrepro.bootstrap);
+    # written before the metrics file, whose presence means the evaluation is complete.
+    per_image = bootstrap.per_image_path(output)
+    bootstrap.write_per_image(per_image, matrix.per_image_counts(), list(dataset.ids))
+    metrics["per_image_counts"] = per_image.name
     atomic.write_text(output, json.dumps(metrics, indent=1) + "\n")
 
     with tracking.Run(Path(model_path).parent, config) as mlrun:

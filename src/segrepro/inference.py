@@ -231,6 +231,7 @@ def evaluate(
     crop_size: int | Sequence[int] = 512,
     base_size: int | None = None,
     progress: bool = True,
+    per_image: bool = False,
 ) -> ConfusionMatrix:
     """Run a test protocol over a dataset of (image (3,H,W), label (H,W), id) and count pixels.
 
@@ -238,7 +239,8 @@ def evaluate(
     name, a description) are ignored. Images are processed one at a time because
     their sizes may differ. On CUDA the forward passes run under bf16 autocast; the
     accumulation of logits and probabilities stays float32. The model must already be on
-    `device`; an `nn.Module` is switched to eval mode here.
+    `device`; an `nn.Module` is switched to eval mode here. With `per_image` the matrix also
+    records each image's counts (ConfusionMatrix.per_image_counts), in the dataset's order.
     """
     if "scales" not in protocol:
         raise SegreproError(f"test protocol {protocol!r} has no 'scales'")
@@ -259,7 +261,7 @@ def evaluate(
         if device.type == "cuda"
         else contextlib.nullcontext()
     )
-    cm = ConfusionMatrix(num_classes, ignore_index)
+    cm = ConfusionMatrix(num_classes, ignore_index, per_image=per_image)
     total = len(dataset) if hasattr(dataset, "__len__") else None
     with torch.inference_mode(), amp:
         for image, label, _ in tqdm(

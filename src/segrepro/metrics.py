@@ -16,12 +16,16 @@ import torch
 class ConfusionMatrix:
     """Accumulates pixel counts; rows are ground-truth classes, columns predicted classes."""
 
-    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = 255, per_image: bool = False) -> None:
+        """With `per_image`, every update() also records that image's true positives, false
+        positives and false negatives per class (rows of `per_image_counts()`): what any subset
+        of the images needs to recompute the metrics (segrepro.bootstrap)."""
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
         self.matrix = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+        self.per_image = [] if per_image else None
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Count one prediction/label pair of any (equal) shape; `ignore_index` pixels are skipped."""
@@ -40,8 +44,18 @@ class ConfusionMatrix:
             raise ValueError(f"label values must be in [0, {k}) or {self.ignore_index}")
         if pred.numel() and (pred.min() < 0 or pred.max() >= k):
             raise ValueError(f"predicted class ids must be in [0, {k})")
-        counts = torch.bincount(target * k + pred, minlength=k * k)
-        self.matrix += counts.reshape(k, k).cpu().numpy().astype(np.int64)
+        counts = torch.bincount(target * k + pred, minlength=k * k).reshape(k, k).cpu().numpy().astype(np.int64)
+        self.matrix += counts
+        if self.per_image is not None:
+            tp = np.diag(counts)
+            self.per_image.append(np.stack([tp, counts.sum(axis=0) - tp, counts.sum(axis=1) - tp]))
+
+    def per_image_counts(self) -> dict[str, np.ndarray]:
+        """{"tp", "fp", "fn"}: (images, classes) pixel counts, one row per update() in order."""
+        if self.per_image is None:
+            raise ValueError("this matrix was not asked to record per-image counts")
+        rows = np.stack(self.per_image) if self.per_image else np.zeros((0, 3, self.num_classes), np.int64)
+        return {"tp": rows[:, 0], "fp": rows[:, 1], "fn": rows[:, 2]}
 
     def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
         """Add another matrix's counts into this one (in place); returns self for chaining."""

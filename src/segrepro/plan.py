@@ -721,7 +721,7 @@ def format_plan(plan: dict) -> str:
 
 def cmd_plan(params: Params, args) -> None:
     scale = args.scale or params.workflow["scale"]
-    seeds = args.seeds or params.workflow["seeds"]
+    seeds = args.seeds or params.seeds(scale)
     dataset = args.dataset or params.workflow["dataset"]
     plan = make_plan(params, list(args.targets), scale, dataset, seeds, pick_device(args.device),
                      args.gpus, recalibrate=args.recalibrate, steps=args.steps, batch=args.batch)

@@ -1,7 +1,7 @@
 """Plots for where a person would rather look than read: a run's training curve and a table's
 paper-vs-ours bars. Both go into the report and into MLflow as artifacts.
 
-matplotlib is imported inside the functions (Agg backend): the workflow imports the table code
+matplotlib is imported inside the functions (a bare Figure, no pyplot): the workflow imports the table code
 while it builds its DAG and must not pay for it.
 """
 
@@ -15,19 +15,16 @@ from segrepro import atomic
 from segrepro.errors import SegreproError
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**kwargs):
+    """A bare matplotlib Figure: pyplot's backends and global state are not needed to draw into a
+    file (and no figure is left open in a long-lived process)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def _save(fig, out: Path) -> None:
-    plt = _pyplot()
     atomic.write_with(Path(out), lambda tmp: fig.savefig(tmp, format="png", dpi=90))
-    plt.close(fig)
 
 
 def read_log(path: Path) -> list[dict]:
@@ -58,10 +55,10 @@ def plot_training_curve(records: list[dict], out: Path, title: str, final_miou: 
     """Loss and learning rate over iterations (train_log.jsonl records), with the validation mIoU
     of `train.val_every` and, if given, the final mIoU of each evaluated protocol at the last
     iteration."""
-    plt = _pyplot()
     steps = [r for r in records if "loss" in r]
     checks = [r for r in records if "val_miou" in r]
-    fig, (loss_ax, miou_ax) = plt.subplots(1, 2, figsize=(10, 3.4), layout="constrained")
+    fig = _figure(figsize=(10, 3.4), layout="constrained")
+    loss_ax, miou_ax = fig.subplots(1, 2)
     if steps:
         loss_ax.plot([r["iteration"] for r in steps], [r["loss"] for r in steps], color="tab:blue", lw=1.2)
         lr_ax = loss_ax.twinx()
@@ -91,12 +88,11 @@ def plot_table_chart(title: str, labels: list[str], metrics: dict[str, dict[str,
     """Grouped bars, paper vs ours, one panel per metric. `metrics` maps a metric's display name
     to {"paper": [value or None per row], "ours": [mean or None], "std": [std or None]}; a
     missing value leaves its bar out, a std draws an error bar."""
-    plt = _pyplot()
     import numpy as np
 
     x = np.arange(len(labels))
-    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(6.0, 0.8 * len(labels) + 2), 2.4 * len(metrics) + 1.2),
-                             squeeze=False, sharex=True, layout="constrained")
+    fig = _figure(figsize=(max(6.0, 0.8 * len(labels) + 2), 2.4 * len(metrics) + 1.2), layout="constrained")
+    axes = fig.subplots(len(metrics), 1, squeeze=False, sharex=True)
     width = 0.38
     for ax, (name, series) in zip(axes[:, 0], metrics.items()):
         def bars(values, offset, **style):
@@ -107,7 +103,7 @@ def plot_table_chart(title: str, labels: list[str], metrics: dict[str, dict[str,
 
         bars(series["paper"], -width / 2, color="#9ecae1", label="paper")
         ours = series["ours"]
-        bars(ours, width / 2, color="#e6550d", label="ours")
+        bars(ours, width / 2, color="#e6550d", label="reproduced")
         errors = [(i, m, s) for i, (m, s) in enumerate(zip(ours, series.get("std") or [None] * len(ours)))
                   if _number(m) and _number(s)]
         if errors:

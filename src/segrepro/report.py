@@ -252,7 +252,7 @@ def write_report(params, out: Path, scale: str | None = None, dataset: str | Non
     records = claims.collect(params, scale)
     runs = evaluated_runs()
     chosen = {"scale": scale or params.workflow["scale"], "dataset": dataset or params.workflow["dataset"] or "each paper's",
-              "seeds": ", ".join(map(str, seeds or params.workflow["seeds"]))}
+              "seeds": ", ".join(map(str, seeds or params.seeds(scale or params.workflow["scale"])))}
     with tempfile.TemporaryDirectory() as scratch:
         body = [
             "<h1>segrepro report</h1>",

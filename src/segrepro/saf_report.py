@@ -23,23 +23,32 @@ from segrepro.saf_analysis import (
     pixels_from_finest,
     run_pyramid,
 )
+from segrepro.bootstrap import welch
 from segrepro.tables import (
+    CONTRADICTED,
     MISSING,
-    NOT_REPRODUCED,
+    NOT_TOLD_APART,
     REPRODUCED,
     _cell,
     _fmt,
     _fmt_header_value,
-    _within_spread,
     check_header,
     check_table_spec,
+    fmt_interval,
     header_lines,
+    paper_note,
     verdict_line,
+    verdict_of,
     write_table,
 )
 
 PAPER_STRIDES = (32, 16, 8, 4)  # Table 9 is for L = 4 levels of strides {32, 16, 8, 4} (Sec. 5.1.3)
 DEFAULT_CLAIM = "For every assignment level ℓ, the semantic level ℓ' = ℓ has the highest mIoU"
+LEVEL_CLAIMS_NOTE = (
+    "Δ ± h: a column's diagonal cell minus another level's, with the 95 % interval from the seeds alone"
+    " (Welch's t: these cells have no per-image form); a column is ✅ when its diagonal beats every other"
+    " level beyond its interval, the caption's claim when every column is."
+)
 CLIP = (-15.0, 1.0)  # App. E clips the Fig. C heatmaps to [-15 %, 1 %]
 DONE_COLOUR = (0.5, 0.5, 0.5)  # Fig. A: "done by coarser" cells are grey
 MIX_COLOUR = (1.0, 1.0, 1.0)  # mix cells not yet done: left to a finer level
@@ -86,35 +95,45 @@ def _check_analyses(name: str, analyses: list[dict]) -> tuple[int, ...]:
     return strides
 
 
-def _column_claim(column: int, strides, ours, paper, missing_note: str) -> tuple[bool, str]:
-    """One Markdown line: does semantic level l' = l win column l (Table 9 caption)?"""
+def _column_claim(column: int, strides, ours, paper, missing_note: str) -> tuple[str, str]:
+    """(verdict, Markdown line): does semantic level l' = l win column l (Table 9 caption)? The
+    cells have no per-image form: the intervals come from the seeds alone (Welch's t)."""
     L = len(strides)
     head = f"{_lvl(column + 1, strides[column])}: ℓ'={column + 1} has the highest mIoU"
     diag = ours[column][column]
     others = [sem for sem in reversed(range(L)) if sem != column and ours[sem][column] is not None]
     if diag is None:
-        holds, spread = False, False
+        verdict, intervals = CONTRADICTED, []
         evidence = f"no labelled pixel was assigned to ℓ={column + 1}"
     elif not others:
-        holds, spread = True, False
+        verdict, intervals = REPRODUCED, []
         evidence = f"ℓ'={column + 1} {_fmt(diag[0])}, no other level defined"
     else:
-        # The strongest competitor; on a tie the finer row (printed first), so output is deterministic.
+        # Every other level must lose; shown: the strongest competitor (on a tie the finer row).
+        intervals = [welch(ours[sem][column], diag) for sem in others]
+        verdict = verdict_of(intervals)
         rival = max(others, key=lambda sem: ours[sem][column][0])
-        holds = diag[0] > ours[rival][column][0]
-        spread = _within_spread(diag, ours[rival][column])
-        evidence = (f"ℓ'={column + 1} {_fmt(diag[0])} vs {'next best' if holds else 'best'}"
-                    f" ℓ'={rival + 1} {_fmt(ours[rival][column][0])}")
+        evidence = (f"ℓ'={column + 1} {_fmt(diag[0])} vs ℓ'={rival + 1} {_fmt(ours[rival][column][0])}: "
+                    f"{fmt_interval(welch(ours[rival][column], diag))}")
+        if any(iv.basis == "none" for iv in intervals):
+            evidence += " [no interval: one seed, and these cells have no per-image form]"
     if paper is None:
         note = missing_note
     else:
         theirs = [paper[sem][column] for sem in range(L)]
         if any(v is None for v in theirs):
-            note = "paper's numbers: incomplete"
+            note = paper_note(None)
         else:
-            agree = all(theirs[column] > theirs[sem] for sem in range(L) if sem != column)
-            note = "paper's numbers agree" if agree else "paper's numbers disagree"
-    return holds and not spread, verdict_line(head, holds, spread, evidence, note)
+            margins = [theirs[column] - theirs[sem] for sem in range(L) if sem != column]
+            note = paper_note(all(m > 0 for m in margins), min(margins) if margins else None)
+    return verdict, verdict_line(head, verdict, evidence, note)
+
+
+def verdict_of_columns(verdicts: list[str]) -> str:
+    """The caption's claim holds in every column: ✅ if each is, ❌ if one is contradicted."""
+    if CONTRADICTED in verdicts:
+        return CONTRADICTED
+    return REPRODUCED if all(v == REPRODUCED for v in verdicts) else NOT_TOLD_APART
 
 
 def _plot_matrices(ours, paper, strides, paper_strides, out_png: Path) -> None:
@@ -237,8 +256,8 @@ def write_level_table(name: str, spec: dict, analyses: list[dict], header: dict,
         missing_note = (f"paper's matrix is for {len(paper_matrix)} levels, strides"
                         f" {', '.join(str(s) for s in paper_strides)}: not comparable")
     verdicts = [_column_claim(level, strides, ours, paper, missing_note) for level in order]
-    held = sum(ok for ok, _ in verdicts)
-    overall = REPRODUCED if held == L else NOT_REPRODUCED
+    held = sum(verdict == REPRODUCED for verdict, _ in verdicts)
+    overall = verdict_of_columns([verdict for verdict, _ in verdicts])
     if paper is None:
         paper_overall = missing_note
     elif all(v is not None for row in paper for v in row):
@@ -265,7 +284,7 @@ def write_level_table(name: str, spec: dict, analyses: list[dict], header: dict,
         unity_lines.append(f"| {level + 1} | {strides[level]} | {_fmt_seeds(share)} | {precision} | {recall} |")
 
     text = header_lines(name, spec, header)
-    text += ["", explain, "", *lines, "", "## Claims", "", *claims, "",
+    text += ["", explain, "", *lines, "", "## Claims", "", LEVEL_CLAIMS_NOTE, "", *claims, "",
              f"## Unity head and assignment (τ = {_fmt_header_value(tau)})", "",
              ("Predicted unity cell: probability ≥ τ; precision and recall against the ground-truth unity"
               " pyramid, don't-care cells excluded. Pixels assigned: share of labelled pixels fused from"
