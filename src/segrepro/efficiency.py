@@ -396,7 +396,7 @@ def build_efficiency_table(name: str, spec: dict, record: dict) -> tuple[str, pd
     columns = ["Method"]
     for metric in metrics:
         display = METRICS[metric][0]
-        columns += [f"{display} paper", f"{display} ours", f"{display} paper rel.", f"{display} ours rel."]
+        columns += [f"{display} paper", f"{display} measured", f"{display} paper rel.", f"{display} measured rel."]
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(["---"] + [":---:"] * (len(columns) - 1)) + "|"]
     records = []
     for row in spec["rows"]:
