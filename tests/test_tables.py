@@ -8,7 +8,9 @@ import pytest
 
 from segrepro.errors import SegreproError
 from segrepro.tables import (
+    NOT_DECISIVE,
     build_table,
+    declared_paper_note,
     check_table_spec,
     load_metrics,
     parse_ref,
@@ -150,6 +152,20 @@ def test_claim_clear_of_spread_and_paper_disagreeing():
                      "[no per-image statistics (metrics written before they were stored): the intervals count the seeds only] (paper's numbers agree)")
     assert second == ("- ✅ reproduced: MS helps — psp50@ms 45.50 vs psp50 42.00: Δ +3.50 ± 1.73 "
                       "[no per-image statistics (metrics written before they were stored): the intervals count the seeds only] (paper's numbers disagree)")
+
+
+def test_the_papers_own_margin_is_judged_before_anything_runs():
+    """MS is best by 1.10 over psp50 in the paper: decisive; at 41.90 it would lead by 0.22 only,
+    inside the ≈1 mIoU run-to-run spread of one recipe."""
+    assert declared_paper_note(SPEC, SPEC["claims"][1]) == "paper's numbers agree"
+    spec = copy.deepcopy(SPEC)
+    spec["rows"][2]["paper"]["miou"] = 41.90
+    assert declared_paper_note(spec, spec["claims"][1]) == (
+        f"paper's numbers agree by 0.22, within the run-to-run spread: {NOT_DECISIVE}")
+    text, _ = build_table("test_table", spec, one_seed(), HEADER)  # the built table says the same
+    assert claim_lines(text)[1].endswith(f"within the run-to-run spread: {NOT_DECISIVE})")
+    spec["rows"][2]["paper"]["miou"] = 41.00
+    assert declared_paper_note(spec, spec["claims"][1]) == "paper's numbers disagree"
 
 
 def test_claim_on_other_metric():

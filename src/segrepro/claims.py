@@ -20,6 +20,7 @@ from segrepro.tables import (
     NOT_TOLD_APART,
     PAPER_MARGIN,
     REPRODUCED,
+    declared_paper_note,
     parse_claims,
 )
 
@@ -76,8 +77,12 @@ def collect(params, scale: str | None = None) -> list[dict]:
                                     "seeds": header.get("seeds", "?"), "scale": header.get("scale", "?")})
                 continue
             command = build_command(path, scale if scale and scale != default_scale else None)
-            for text in declared_claims(spec):
-                records.append({**base, "claim": text, "verdict": NOT_YET_RUN, "evidence": "", "paper_note": "",
+            # The paper's own numbers are known before anything runs (a plain table's claims).
+            notes = ([declared_paper_note(spec, claim) for claim in spec.get("claims") or []]
+                     if spec.get("kind", "rows") == "rows" else [])
+            for i, text in enumerate(declared_claims(spec)):
+                records.append({**base, "claim": text, "verdict": NOT_YET_RUN,
+                                "evidence": "", "paper_note": notes[i] if i < len(notes) else "",
                                 "seeds": "", "scale": scale or default_scale, "command": command})
     return records
 

@@ -358,6 +358,28 @@ def basis_remark(intervals: list) -> str:
     return f" [{weaker[0]}]" if weaker else ""
 
 
+def claim_pairs(claim: dict, order: list[str]) -> list[tuple[str, str]]:
+    """The (better, than) row keys a claim rests on: a `best` row against every other row."""
+    if "best" in claim:
+        best = row_key(*parse_ref(claim["best"]))
+        return [(best, key) for key in order if key != best]
+    return [(row_key(*parse_ref(b)), row_key(*parse_ref(t))) for b, t in zip(claim["better"], claim["than"])]
+
+
+def declared_paper_note(spec: dict, claim: dict) -> str:
+    """What the paper's own numbers say about a declared claim, from the table spec alone (so a
+    claim not yet run already shows whether the paper itself could separate its rows)."""
+    metric = claim.get("metric", DEFAULT_CLAIM_METRIC)
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    order = table_row_keys(spec)
+    theirs = {key: (row.get("paper") or {}).get(metric) for row, key in zip(spec["rows"], order)}
+    pairs = claim_pairs(claim, order)
+    if any(theirs[k] is None for pair in pairs for k in pair):
+        return paper_note(None)
+    margins = [sign * (theirs[b] - theirs[t]) for b, t in pairs]
+    return paper_note(all(m > 0 for m in margins), min(margins), metric)
+
+
 def _judge_claim(claim: dict, samples, paper: dict, order: list[str]) -> str:
     """One Markdown line: the verdict on a claim, our evidence, and what the paper's numbers say."""
     metric = claim.get("metric", DEFAULT_CLAIM_METRIC)
@@ -377,10 +399,9 @@ def _judge_claim(claim: dict, samples, paper: dict, order: list[str]) -> str:
                 f"{_short_ref(*t.split('@'))} {_fmt(samples.mean(t, metric))}: {fmt_interval(interval)}")
         return oriented(interval), text
 
+    pairs = claim_pairs(claim, order)
     if "best" in claim:
-        best = row_key(*parse_ref(claim["best"]))
-        others = [key for key in order if key != best]
-        pairs = [(best, key) for key in others]
+        others = [t for _, t in pairs]
         judged = [comparison(b, t) for b, t in pairs]
         # Shown: the strongest competitor (on a tie the earlier row), and any that contradicts.
         rival = max(others, key=lambda k: sign * samples.mean(k, metric))
@@ -388,7 +409,6 @@ def _judge_claim(claim: dict, samples, paper: dict, order: list[str]) -> str:
                  if t == rival or interval.half_width is not None and interval.high < 0]
         evidence = "; ".join(shown)
     else:
-        pairs = [(row_key(*parse_ref(b)), row_key(*parse_ref(t))) for b, t in zip(claim["better"], claim["than"])]
         judged = [comparison(b, t) for b, t in pairs]
         evidence = "; ".join(text for _, text in judged)
     intervals = [interval for interval, _ in judged]
