@@ -307,7 +307,8 @@ def test_bad_workflow_values(workflow, match):
 
 def test_workflow_defaults_are_filled():
     params = load_params(REPO, workflow={"scale": "tiny"})
-    assert params.workflow == {"scale": "tiny", "seeds": [0], "dataset": None, "sources": {}, "mlflow_uri": None}
+    assert params.workflow == {"scale": "tiny", "seeds": [0], "dataset": None, "split": None, "sources": {},
+                               "mlflow_uri": None}
 
 
 def test_seeds_default_per_scale_unless_given():

@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     _run_arguments(evaluate)
     _device_arguments(evaluate)
     evaluate.add_argument("--protocol", default="ss", help="a test protocol of the scale (ss, ms, …)")
-    evaluate.add_argument("--out", type=Path, help="metrics JSON (default: results/metrics/…/PROTOCOL.json)")
+    evaluate.add_argument("--split", default="val", help="the labelled split to score (default: val)")
+    evaluate.add_argument("--out", type=Path, help="metrics JSON (default: results/metrics/…/PROTOCOL.json, "
+                                                   "PROTOCOL.SPLIT.json for a split other than val)")
 
     submit = commands.add_parser("submit", help="write a test-server submission of a trained run")
     _run_arguments(submit)
@@ -119,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--scale")
     table.add_argument("--dataset")
     table.add_argument("--seeds", type=int, nargs="+")
+    table.add_argument("--split", help="the split its rows report (default: the table's for its dataset, else the "
+                                       "dataset's eval_split, else val)")
     table.add_argument("--out", type=Path, help="default: results/tables/NAME.md")
 
     pyramids = commands.add_parser("pyramids", help="precompute the pyramidal ground truth of a split")
@@ -247,9 +251,9 @@ def cmd_evaluate(params: Params, args) -> None:
     config = _resolve(params, args)
     _set_threads(args.threads)
     run = _run_paths(config)
-    out = args.out or paths.metrics_path(*run, args.protocol)
-    metrics = evaluate_run(config, paths.model_path(*run), args.protocol, out, device=args.device)
-    print(f"{args.paper}/{args.experiment} [{args.protocol}] mIoU {metrics['miou']:.2f} "
+    out = args.out or paths.metrics_path(*run, args.protocol, args.split)
+    metrics = evaluate_run(config, paths.model_path(*run), args.protocol, out, device=args.device, split=args.split)
+    print(f"{args.paper}/{args.experiment} [{args.protocol}, split {args.split}] mIoU {metrics['miou']:.2f} "
           f"pixel acc. {metrics['pixel_acc']:.2f} -> {out}")
 
 
@@ -275,7 +279,8 @@ def cmd_table(params: Params, args) -> None:
     scale = args.scale or params.workflow["scale"]
     seeds = args.seeds or params.seeds(scale)
     out = args.out or paths.table_path(args.name)
-    write_paper_table(params, args.name, scale, args.dataset or params.workflow["dataset"], seeds, out)
+    write_paper_table(params, args.name, scale, args.dataset or params.workflow["dataset"], seeds, out,
+                      split=args.split or params.workflow["split"])
     print(f"wrote {out}")
 
 

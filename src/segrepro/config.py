@@ -25,6 +25,7 @@ import yaml
 from segrepro.errors import SegreproError
 
 PARAMS_DIR = Path("params")
+DEFAULT_SPLIT = "val"  # what evaluation reads unless a table or dataset names another split
 SCHEMA_DIR = Path("workflow/schemas")
 
 
@@ -183,6 +184,14 @@ class Params:
         (HFGD Table 17 is COCO-Stuff 10k, Table 12 Cityscapes), else its paper's."""
         paper, spec = self.table(name)
         return self.dataset_name(paper, scale, override or spec.get("dataset", {}).get(scale))
+
+    def eval_split(self, table: str, dataset: str, override: str | None = None) -> str:
+        """The split a table's rows are evaluated on when they run on `dataset`: `override` (the
+        command line's, --config split=test), else the table's own `split` entry for the dataset,
+        else the dataset's `eval_split`, else val."""
+        _, spec = self.table(table)
+        return (override or spec.get("split", {}).get(dataset)
+                or self.dataset(dataset).get("eval_split") or DEFAULT_SPLIT)
 
     def resolve(self, paper: str, experiment: str, scale: str, dataset: str | None = None,
                 seed: int = 0) -> dict:
@@ -353,8 +362,9 @@ def _from_command_line(workflow: dict) -> dict:
         seeds = [seeds]
     if isinstance(seeds, list):
         workflow["seeds"] = [int(s) if isinstance(s, str) and s.strip().isdigit() else s for s in seeds]
-    if workflow.get("dataset") in ("null", "None", ""):
-        workflow["dataset"] = None
+    for key in ("dataset", "split"):
+        if workflow.get(key) in ("null", "None", ""):
+            workflow[key] = None
     return workflow
 
 
@@ -375,7 +385,7 @@ def _check_cross_references(params: Params) -> None:
                     "(not in params/archives.yaml)")
     for name in params.workflow.get("sources", {}):
         parts = params.dataset(name).get("parts", {})
-        if len(parts) != 1:
+        if params.dataset(name)["kind"] != "folder" and len(parts) != 1:
             raise SegreproError(
                 f"workflow config: sources.{name}: a local folder can stand only for a one-part dataset "
                 f"('{name}' has {len(parts)} parts: put its archives in data/raw/ instead)")
@@ -390,6 +400,11 @@ def _check_cross_references(params: Params) -> None:
                     raise SegreproError(
                         f"params/papers/{paper}.yaml: tables.{table}: row '{row['label']}' names "
                         f"unknown experiment ID '{row['experiment']}'"
+                    )
+            for dataset in spec.get("split", {}):
+                if dataset not in params.datasets:
+                    raise SegreproError(
+                        f"params/papers/{paper}.yaml: tables.{table}.split.{dataset}: unknown dataset '{dataset}'"
                     )
             for scale, dataset in spec.get("dataset", {}).items():
                 if dataset not in params.datasets:

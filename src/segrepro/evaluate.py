@@ -1,16 +1,18 @@
-"""The one evaluator: a trained model, a test protocol (scales, flip) -> a metrics JSON file,
-logged into the model's MLflow run."""
+"""The one evaluator: a trained model, a test protocol (scales, flip), a labelled split -> a
+metrics JSON file, logged into the model's MLflow run (a split other than val under its own
+metric names, `<split>_<protocol>_miou`, so that a test number never reads as a val one)."""
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from segrepro import atomic, bootstrap, inference, paths, tracking
-from segrepro.data import SegmentationDataset
+from segrepro.data import SegmentationDataset, load_card
 from segrepro.errors import SegreproError
 from segrepro.provenance import git_commit
 from segrepro.train import load_model, pick_device
@@ -28,6 +30,11 @@ def evaluate_run(config: dict, model_path: Path, protocol: str, output: Path,
         )
     dev = pick_device(device)
     model, record = load_model(model_path, device=str(dev))
+    card = load_card(config["dataset"]["root"])
+    if split not in card["splits"]:
+        raise SegreproError(
+            f"dataset '{config['dataset']['name']}' has no split '{split}' (it has: {', '.join(card['splits'])}); "
+            "a table's split comes from --config split, the table's `split` or the dataset's `eval_split`")
     dataset = SegmentationDataset(config["dataset"]["root"], split)
     if dataset.num_classes != record["num_classes"]:
         raise SegreproError(
@@ -42,12 +49,19 @@ def evaluate_run(config: dict, model_path: Path, protocol: str, output: Path,
     )
     seconds = time.time() - began
     summary = matrix.summary(dataset.class_names)
+    absent = classes_without_pixels(matrix.matrix, dataset.class_names)
+    if absent:
+        # The issue this guards against: labels read wrongly (a class mapped to ignore) score 100 %.
+        print(f"segrepro: note: split '{split}' of {config['dataset']['name']} has no ground-truth pixel of "
+              f"{', '.join(repr(n) for n in absent)}: its IoU is left out of the mean, or 0 where predicted",
+              file=sys.stderr)
     metrics = {
         "paper": config["paper"], "experiment": config["experiment"], "scale": config["scale"],
         "dataset": config["dataset"]["name"], "seed": config["seed"], "split": split,
         "protocol": protocol, "protocol_settings": settings["protocols"][protocol],
         **summary,
         "num_images": len(dataset),
+        "classes_without_pixels": absent,
         "confusion_matrix": matrix.matrix.tolist(),
         "train": record["summary"],
         "eval_seconds": seconds,
@@ -74,7 +88,8 @@ def evaluate_run(config: dict, model_path: Path, protocol: str, output: Path,
     atomic.write_text(output, json.dumps(metrics, indent=1) + "\n")
 
     with tracking.Run(Path(model_path).parent, config) as mlrun:
-        mlrun.log_metrics({f"{protocol}_{key}": metrics[key] for key in ("miou", "pixel_acc", "mean_acc")
+        prefix = f"{protocol}_" if split == "val" else f"{split}_{protocol}_"
+        mlrun.log_metrics({f"{prefix}{key}": metrics[key] for key in ("miou", "pixel_acc", "mean_acc")
                            if metrics[key] is not None})
         for level in metrics.get("levels", {}).get("unity", []):
             mlrun.log_metrics({f"unity_s{level['stride']}_{key}": level[key]
@@ -85,6 +100,11 @@ def evaluate_run(config: dict, model_path: Path, protocol: str, output: Path,
             f"{name},{'' if iou is None else f'{iou:.4f}'}\n" for name, iou in summary["per_class_iou"].items()))
         mlrun.log_artifact(per_class)
     return metrics
+
+
+def classes_without_pixels(confusion, class_names) -> list[str]:
+    """The classes with no ground-truth pixel in a confusion matrix (rows: ground truth)."""
+    return [name for name, count in zip(class_names, confusion.sum(axis=1)) if count == 0]
 
 
 def describe_backbone(backbone: dict) -> str:

@@ -24,8 +24,11 @@ def model_path(scale, dataset, paper, experiment, seed) -> Path:
     return run_dir(scale, dataset, paper, experiment, seed) / "model.pt"
 
 
-def metrics_path(scale, dataset, paper, experiment, seed, protocol) -> Path:
-    return RESULTS / "metrics" / scale / dataset / paper / experiment / f"seed{seed}" / f"{protocol}.json"
+def metrics_path(scale, dataset, paper, experiment, seed, protocol, split: str = "val") -> Path:
+    """A run's scores with one test protocol on one split: PROTOCOL.json for the val split,
+    PROTOCOL.SPLIT.json for any other (a test number never sits where a val number would)."""
+    name = f"{protocol}.json" if split == "val" else f"{protocol}.{split}.json"
+    return RESULTS / "metrics" / scale / dataset / paper / experiment / f"seed{seed}" / name
 
 
 def submission_path(scale, dataset, paper, experiment, seed, protocol) -> Path:

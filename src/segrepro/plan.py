@@ -44,7 +44,8 @@ CPU_BATCH_PIXELS = 2 * 512 * 512
 JOB_THREADS = 1
 # The jobs whose cost the plan estimates; every other rule is listed with its count only.
 TRAIN_RULES = ("train",)
-INFERENCE_RULES = ("evaluate", "submit")
+INFERENCE_RULES = ("evaluate", "evaluate_split", "submit")
+EVALUATE_RULES = ("evaluate", "evaluate_split")
 NOT_ESTIMATED = ("not estimated: data preparation (downloads depend on the network; conversion, subsets and "
                  "pyramids on the disk) and the short jobs (tables, figures, counts and timings, the report)")
 
@@ -241,6 +242,9 @@ def _declared_split(params: Params, dataset: str, split: str | None):
         source = _declared_split(params, declaration["source"], declaration["from_split"])
         split = split or "val"
         counts, size, what = declaration["sizes"], source[1], f"drawn from {declaration['source']}"
+    elif kind == "folder":
+        raise SegreproError(f"dataset '{dataset}' (kind folder) is not prepared yet: its sizes are known only "
+                            f"once it is (segrepro prepare {dataset})")
     else:
         facts = REAL_DATASETS[kind]
         split = split or ("test" if "test" in facts["unlabelled"] else "val")
@@ -517,7 +521,7 @@ def inference_cost(params: Params, job: Job, config: dict, entry: dict, sizes: S
     protocol = settings["protocols"][w["protocol"]]
     windows = sum(windows_per_image(size, protocol, settings["crop_size"], settings.get("base_size"))
                   for size in sizes.sizes)
-    if job.rule == "evaluate" and w["protocol"] == "ss" and config["model"].get("head", {}).get("output") == "pyramidal":
+    if job.rule in EVALUATE_RULES and w["protocol"] == "ss" and config["model"].get("head", {}).get("output") == "pyramidal":
         # SaF's unity-head analysis (segrepro.saf_analysis) runs the model once more per image.
         windows += sum(windows_per_image(size, {"scales": [1.0]}, settings["crop_size"], settings.get("base_size"))
                        for size in sizes.sizes)
@@ -586,7 +590,7 @@ def make_plan(params: Params, targets: list[str], scale: str, dataset: str | Non
         if job.rule in TRAIN_RULES:
             trainings.append(train_cost(params, job, config, entry))
             continue
-        split = "val" if job.rule == "evaluate" else None
+        split = w.get("split", "val") if job.rule in EVALUATE_RULES else None
         if (w["dataset"], split) not in sizes:
             sizes[w["dataset"], split] = split_sizes(params, w["dataset"], split)
         inferences.append(inference_cost(params, job, config, entry, sizes[w["dataset"], split]))

@@ -33,6 +33,7 @@ LOWER_IS_BETTER = {"gmacs"}
 FLOPS_TOLERANCE = 0.03  # a count further than this from the paper's must say why
 MISSING = "–"  # en dash, for a number the paper does not give
 MINUS = "−"  # the real minus sign, so that "−0.45" lines up with "+1.23"
+ABSENT_MARK = "⚠"  # a row whose evaluated split lacks a class entirely (segrepro.evaluate)
 HEADER_KEYS = ("dataset", "scale", "backbone", "iterations", "seeds")
 TEST_SERVER_FORMATS = ("ade20k_sceneparsing", "cityscapes")  # the keys of segrepro.submit.SERVERS
 SUBMISSION_KEY = "segrepro_submission"  # marks segrepro.submit's manifest in a zip's comment
@@ -483,6 +484,24 @@ def _server_notes(spec: dict, results: dict, order: list[str]) -> list[str]:
     return lines
 
 
+def _absent_classes(runs: list[dict]) -> list[str]:
+    """The classes without a ground-truth pixel in the split any of these runs was scored on."""
+    return list(dict.fromkeys(name for run in runs for name in run.get("classes_without_pixels") or []))
+
+
+def _absent_notes(results: dict, order: list[str]) -> list[str]:
+    """A note under the table when an evaluated split lacks a class: its IoU is undefined there
+    (left out of the mean, or 0 where predicted), so the mIoU is not over every class, and a
+    wrongly mapped label (a class read as ignore) would look perfect."""
+    absent = list(dict.fromkeys(name for key in order for name in _absent_classes(results[key])))
+    if not absent:
+        return []
+    splits = ", ".join(dict.fromkeys(str(run.get("split", "val")) for key in order for run in results[key]))
+    return ["", f"{ABSENT_MARK} The evaluated split ({splits}) has no ground-truth pixel of "
+                f"{', '.join(repr(n) for n in absent)}: its IoU is left out of the mIoU, or 0 where predicted; "
+                "check the dataset's label mapping."]
+
+
 def _cell(text: str) -> str:
     # A '|' inside a label would split the Markdown cell.
     return str(text).replace("|", "\\|")
@@ -550,7 +569,7 @@ def build_table(name: str, spec: dict, results: dict[str, list[dict]], header: d
     records, lines = [], []
     for row, key in zip(rows, order):
         record = {"label": row["label"], "experiment": row["experiment"], "protocol": key.split("@")[1]}
-        cells = [_cell(row["label"])]
+        cells = [_cell(row["label"]) + (f" {ABSENT_MARK}" if _absent_classes(results[key]) else "")]
         if is_test_server(row):
             submissions = [run["submission"] for run in results[key]]
             record.update({"test_server": row["test_server"]["name"], "submission": "; ".join(submissions)})
@@ -588,6 +607,7 @@ def build_table(name: str, spec: dict, results: dict[str, list[dict]], header: d
     if spec.get("grid"):
         text += _grid_lines(spec, stats, paper, order)
     text += [*table, *lines]
+    text += _absent_notes(results, order)
     text += _server_notes(spec, results, order)
     if spec.get("flops"):
         if not flops:
@@ -679,8 +699,10 @@ def _load_flops(name: str, path: Path) -> dict:
     return record
 
 
-def write_paper_table(params, name: str, scale: str, dataset: str | None, seeds: list[int], out: Path) -> None:
-    """Collect the metrics files of every (row, seed) of a declared table and write it."""
+def write_paper_table(params, name: str, scale: str, dataset: str | None, seeds: list[int], out: Path,
+                      split: str | None = None) -> None:
+    """Collect the metrics files of every (row, seed) of a declared table and write it; `split`
+    overrides the split its rows report (Params.eval_split)."""
     from segrepro import paths
 
     paper, spec = params.checked_table(name, scale)
@@ -690,6 +712,7 @@ def write_paper_table(params, name: str, scale: str, dataset: str | None, seeds:
         write_efficiency_table(params, name, spec, scale, out)
         return
     dataset_name = params.table_dataset(name, scale, dataset)
+    split = params.eval_split(name, dataset_name, split)
     counts = _load_flops(name, paths.flops_path(name))["models"] if spec.get("flops") else {}
     results = {}
     for row in spec["rows"]:
@@ -698,7 +721,11 @@ def write_paper_table(params, name: str, scale: str, dataset: str | None, seeds:
         if is_test_server(row):
             results[key] = [load_submission(paths.submission_path(*run, seed, row["protocol"])) for seed in seeds]
             continue
-        results[key] = [load_run(paths.metrics_path(*run, seed, row["protocol"])) for seed in seeds]
+        results[key] = [load_run(paths.metrics_path(*run, seed, row["protocol"], split)) for seed in seeds]
+        for seed, metrics in zip(seeds, results[key]):
+            if metrics.get("split", "val") != split:
+                raise SegreproError(f"{paths.metrics_path(*run, seed, row['protocol'], split)}: scores split "
+                                    f"'{metrics.get('split')}', but table {name!r} reports split '{split}'")
         if spec.get("flops"):
             if row["experiment"] not in counts:
                 raise SegreproError(f"{paths.flops_path(name)} has no count for {row['experiment']}: run `segrepro flops {name}`")
@@ -710,7 +737,7 @@ def write_paper_table(params, name: str, scale: str, dataset: str | None, seeds:
 
     registry = params.paper(paper)
     header = {
-        "dataset": dataset_name,
+        "dataset": dataset_name if split == "val" else f"{dataset_name}, split {split}",
         "scale": scale,
         "backbone": distinct(run["backbone"] for run in runs),
         "iterations": distinct(run["iterations"] for run in runs),

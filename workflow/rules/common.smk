@@ -33,6 +33,7 @@ if workflow.is_main_process:
 SCALE = PARAMS.workflow["scale"]
 SEEDS = PARAMS.workflow["seeds"]
 DATASET = PARAMS.workflow["dataset"]  # None: each paper's default for the scale
+SPLIT = PARAMS.workflow["split"]  # None: each table's split for its dataset (Params.eval_split)
 LOCAL_SOURCES = PARAMS.workflow["sources"]  # dataset -> an extracted copy of its archive
 
 ID = r"[A-Za-z0-9_]+"
@@ -116,13 +117,18 @@ def submission_server(wildcards):
     return formats.pop()
 
 
+def job_split(wildcards):
+    """The split an evaluation scores: its `split` wildcard (rule evaluate_split), else val."""
+    return getattr(wildcards, "split", "val")
+
+
 def pyramid_inputs(wildcards):
-    """The pyramidal ground truth of the val split, for the single-scale evaluation of a model
+    """The pyramidal ground truth of the evaluated split, for the single-scale evaluation of a model
     with a pyramidal output (the unity head's precision and recall, Table 9, Fig. 3)."""
     config = run_config(wildcards)
     pyramidal = config["model"].get("head", {}).get("output") == "pyramidal"
     if pyramidal and wildcards.protocol == "ss":
-        return {"pyramids": str(paths.pyramid_dir(wildcards.dataset, "val"))}
+        return {"pyramids": str(paths.pyramid_dir(wildcards.dataset, job_split(wildcards)))}
     return {}
 
 
@@ -145,12 +151,15 @@ def figure_inputs(wildcards):
 
 def dataset_source(wildcards):
     """What a dataset is made from: a subset's source dataset, a real dataset's archives in
-    data/raw/ (one download job each), or the local folder `--config sources=` names for it."""
+    data/raw/ (one download job each), or the local folder `--config sources=` names for it (a
+    folder dataset: that, else its declared `root`)."""
     declaration = PARAMS.dataset(wildcards.dataset)
     if declaration["kind"] == "subset":
         return {"source": str(paths.dataset_root(declaration["source"]) / "dataset.yaml")}
     if wildcards.dataset in LOCAL_SOURCES:
         return {"local": LOCAL_SOURCES[wildcards.dataset]}
+    if declaration["kind"] == "folder" and "root" in declaration:
+        return {"local": declaration["root"]}
     return {role: str(paths.RAW / part["archive"]) for role, part in declaration.get("parts", {}).items()}
 
 
@@ -176,9 +185,11 @@ def table_metrics(wildcards):
     if spec.get("kind") == "efficiency":
         return []
     dataset = PARAMS.table_dataset(wildcards.table, SCALE, DATASET)
+    split = PARAMS.eval_split(wildcards.table, dataset, SPLIT)
     return [
-        (paths.submission_path if row.get("test_server") else paths.metrics_path)(
-            SCALE, dataset, paper, row["experiment"], seed, row["protocol"])
+        paths.submission_path(SCALE, dataset, paper, row["experiment"], seed, row["protocol"])
+        if row.get("test_server")
+        else paths.metrics_path(SCALE, dataset, paper, row["experiment"], seed, row["protocol"], split)
         for row in spec["rows"]
         for seed in SEEDS
     ]

@@ -13,13 +13,15 @@ rule download:
 
 
 rule prepare_dataset:
-    """Generate (synthetic), draw (subset) or verify, extract and convert (real) a dataset into
-    data/{dataset} (uniform layout)."""
+    """Generate (synthetic), draw (subset), verify, extract and convert (real) or convert (folder)
+    a dataset into data/{dataset} (uniform layout). The card is updated, not deleted, by a rerun:
+    the step builds the new folder beside the old one and swaps them only when it is complete, and
+    a failed rerun leaves the previous dataset, card included (Snakemake restores its backup)."""
     input:
         unpack(dataset_source),
         code=stage_sources("prepare"),
     output:
-        "data/{dataset}/dataset.yaml",
+        update("data/{dataset}/dataset.yaml"),
     params:
         declaration=dataset_declaration,
         source=lambda wildcards: local_source_option(wildcards.dataset),

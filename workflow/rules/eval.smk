@@ -1,5 +1,6 @@
 rule evaluate:
-    """Evaluate a trained model with one test protocol (ss, ms, ...) into a metrics JSON."""
+    """Evaluate a trained model with one test protocol (ss, ms, ...) on the val split into a
+    metrics JSON (evaluate_split below: any other split)."""
     input:
         unpack(pyramid_inputs),
         model="results/runs/{scale}/{dataset}/{paper}/{experiment}/seed{seed}/model.pt",
@@ -9,6 +10,7 @@ rule evaluate:
         "results/metrics/{scale}/{dataset}/{paper}/{experiment}/seed{seed}/{protocol}.json",
     params:
         settings=eval_settings,
+        split=job_split,
     threads: 1
     resources:
         gpu=job_resource("eval", "gpus"),
@@ -22,4 +24,13 @@ rule evaluate:
     shell:
         "segrepro evaluate --paper {wildcards.paper} --experiment {wildcards.experiment}"
         " --scale {wildcards.scale} --dataset {wildcards.dataset} --seed {wildcards.seed}"
-        " --protocol {wildcards.protocol} --threads {threads} --out {output} > {log} 2>&1"
+        " --protocol {wildcards.protocol} --split {params.split} --threads {threads} --out {output} > {log} 2>&1"
+
+
+use rule evaluate as evaluate_split with:
+    output:
+        "results/metrics/{scale}/{dataset}/{paper}/{experiment}/seed{seed}/{protocol}.{split}.json",
+    wildcard_constraints:
+        split=r"(?!val\b)[A-Za-z_][A-Za-z0-9_]*",  # val's file is PROTOCOL.json (rule evaluate)
+    log:
+        "logs/evaluate/{scale}/{dataset}/{paper}/{experiment}/seed{seed}/{protocol}.{split}.log",

@@ -11,6 +11,7 @@ rule table:
     params:
         spec=table_spec,
         dataset_option=f"--dataset {DATASET}" if DATASET else "",
+        split_option=f"--split {SPLIT}" if SPLIT else "",
         seeds=" ".join(str(seed) for seed in SEEDS),
         scale=SCALE,
     localrule: True
@@ -19,7 +20,7 @@ rule table:
     log:
         "logs/tables/{table}.log",
     shell:
-        "segrepro table {wildcards.table} --scale {params.scale} {params.dataset_option}"
+        "segrepro table {wildcards.table} --scale {params.scale} {params.dataset_option} {params.split_option}"
         " --seeds {params.seeds} --out {output.md} > {log} 2>&1"
 
 

@@ -179,6 +179,9 @@ class _Plan:
     items: list[_Item]
     unlabelled: list[str] = field(default_factory=list)
     source: dict = field(default_factory=dict)
+    # Called with split -> counts of the written label values 0..255, before the card is made;
+    # raises on labels that would lie (kind folder: segrepro.data.folder.check_label_shares).
+    check: Callable[[dict[str, np.ndarray]], None] | None = None
 
 
 def _png_item(split: str, image_id: str, image: Path, label: Path) -> _Item:
@@ -562,10 +565,18 @@ def manifest_digests(root: Path) -> tuple[list[str], int]:
     return [hashlib.sha256(by_path).hexdigest(), hashlib.sha256(by_line).hexdigest()], len(lines)
 
 
+def _folder_kind(where: str, declaration: dict, parts: dict[str, Path]) -> _Plan:
+    """A user's own folder of images and labels, declared in params/datasets.yaml."""
+    from segrepro.data.folder import plan_folder
+
+    return plan_folder(where, declaration, parts)
+
+
 # kind -> (planner, required roles, optional roles)
 KINDS: dict[str, tuple[Callable[[str, dict, dict[str, Path]], _Plan], tuple[str, ...], tuple[str, ...]]] = {
     "ade20k": (_ade20k, ("main",), ("test",)),
     "camvid": (_camvid, ("main",), ()),
+    "folder": (_folder_kind, ("main",), ()),
     "cityscapes": (_cityscapes, ("gtfine", "images"), ()),
     "cocostuff10k": (_cocostuff10k, ("main",), ()),
     "cocostuff164k": (_cocostuff164k, ("images_train", "images_val", "labels"), ()),
@@ -612,7 +623,8 @@ def _transfer(source: Path, target: Path, copy: bool) -> None:
         raise SegreproError(f"{source}: cannot {'copy' if copy else 'move'} image: {one_line(exc)}") from None
 
 
-def _write(plan: _Plan, out: Path, copy_images: bool) -> dict[str, int]:
+def _write(plan: _Plan, out: Path, copy_images: bool) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+    """Write every item; returns the image count and the label-value histogram of each split."""
     seen: dict[str, _Item] = {}
     for item in plan.items:
         if not item.id or "/" in item.id or "\\" in item.id or item.id.startswith("."):
@@ -629,6 +641,7 @@ def _write(plan: _Plan, out: Path, copy_images: bool) -> dict[str, int]:
         if count == 0:
             raise SegreproError(f"split '{split}' has no images (is the archive complete?)")
 
+    pixels = {split: np.zeros(256, np.int64) for split in plan.splits}
     for sub in ("images", "labels", "splits"):
         (out / sub).mkdir()
     for item in plan.items:
@@ -639,12 +652,13 @@ def _write(plan: _Plan, out: Path, copy_images: bool) -> dict[str, int]:
                 raise SegreproError(f"{item.image} and {item.culprit}: size mismatch, image {width}x{height}"
                                     f" vs label {raw.shape[1]}x{raw.shape[0]}")
             label = _lookup(raw, plan.table, item.culprit, plan.values)
+            pixels[item.split] += np.bincount(label.ravel(), minlength=256)
             Image.fromarray(label).save(out / "labels" / f"{item.id}{LABEL_SUFFIX}", format="PNG")
         _transfer(item.image, out / "images" / f"{item.id}{plan.image_suffix}", copy_images)
     for split in plan.splits:
         ids = sorted(item.id for item in plan.items if item.split == split)
         (out / "splits" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
-    return counts
+    return counts, pixels
 
 
 def convert(kind: str, name: str, declaration: dict, parts: dict[str, Path], out: Path, *,
@@ -671,7 +685,9 @@ def convert(kind: str, name: str, declaration: dict, parts: dict[str, Path], out
         raise SegreproError(f"{out}: output folder is not empty")
 
     plan = planner(where, declaration, parts)
-    counts = _write(plan, out, copy_images)
+    counts, pixels = _write(plan, out, copy_images)
+    if plan.check is not None:
+        plan.check(pixels)
     card = {
         "name": name,
         "num_classes": len(plan.class_names),

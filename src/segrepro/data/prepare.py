@@ -25,6 +25,12 @@ Kinds prepared here:
   (segrepro.data.extract), then converted into the uniform layout (segrepro.data.convert). A
   local folder (`source`) may stand for a one-part dataset's extracted archive; it is read, never
   changed.
+* `folder`: a user's own folder of images and label maps (segrepro.data.folder), read from its
+  `root` (or `source`, which takes precedence), never changed; the images are copied.
+
+A dataset folder is only ever replaced whole, once its successor is complete: every kind builds
+into a hidden sibling folder and renames it into place (segrepro.atomic.build_directory), so a
+failed or killed preparation leaves the previous dataset, card included, as it was.
 """
 
 from __future__ import annotations
@@ -89,6 +95,8 @@ def prepare_dataset(name: str, declaration: dict, root: Path, archives: dict | N
         atomic.write_text(card_path, yaml.safe_dump(card, sort_keys=False))
     elif kind == "subset":
         prepare_subset(name, declaration, root)
+    elif kind == "folder":
+        prepare_folder(name, declaration, root, source)
     else:
         raise SegreproError(
             f"dataset '{name}' (kind '{kind}') has no preparation step here: place it under {root} "
@@ -145,6 +153,32 @@ def prepare_real(name: str, declaration: dict, root: Path, archives: dict, raw_d
             _write_card(out, convert(declaration["kind"], name, declaration, parts, out))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    return root
+
+
+# ----------------------------------------------------------------------------- own folders
+
+def prepare_folder(name: str, declaration: dict, root: Path, source: Path | None = None) -> Path:
+    """Convert the folder dataset `name` (segrepro.data.folder) from `source` or its declared
+    `root` into `root` (the dataset folder under data/)."""
+    from segrepro.data.convert import convert
+    from segrepro.data.synthetic import _check_replaceable
+
+    where = f"dataset '{name}' (kind 'folder')"
+    folder = source if source is not None else declaration.get("root")
+    if folder is None:
+        raise SegreproError(f"{where}: no folder to read: declare `root:` in params/datasets.yaml or pass "
+                            f"--config sources='{{{name}: DIR}}' (segrepro prepare {name} --source DIR)")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SegreproError(f"{where}: root {folder} is not a folder")
+    out = Path(root).resolve()
+    if folder.resolve() == out or out in folder.resolve().parents:
+        raise SegreproError(f"{where}: root {folder} lies inside the prepared dataset's folder {root}, "
+                            "which a preparation replaces: keep the originals elsewhere")
+    _check_replaceable(root)
+    with atomic.build_directory(root) as tmp:
+        _write_card(tmp, convert("folder", name, declaration, {"main": folder}, tmp, copy_images=True))
     return root
 
 
