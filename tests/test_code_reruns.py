@@ -11,6 +11,7 @@ what a real build would rerun. tests/test_workflow.py checks the same on a reall
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -50,7 +51,8 @@ class Stub:
 
 
 def dry_run_outputs(output: str) -> list[Path]:
-    return [Path(path) for line in output.splitlines() if line.strip().startswith("output:")
+    # A flagged path is listed with its flag: "data/x/dataset.yaml (update)".
+    return [Path(re.sub(r" \(\w+\)$", "", path)) for line in output.splitlines() if line.strip().startswith("output:")
             for path in line.strip()[len("output:"):].strip().split(", ")]
 
 

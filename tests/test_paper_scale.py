@@ -67,7 +67,8 @@ def jobs_with_files(output: str) -> list[dict]:
         if re.match(r"^(?:local)?rule \w+:$", line):
             index += 1
         elif index >= 0 and (match := IO_LINE.match(line)):
-            jobs[index][match.group(1)].update(match.group(2).split(", "))
+            # A flagged path is listed with its flag: "data/x/dataset.yaml (update)".
+            jobs[index][match.group(1)].update(re.sub(r" \(\w+\)$", "", path) for path in match.group(2).split(", "))
     assert index + 1 == len(jobs)
     return jobs
 

@@ -168,7 +168,8 @@ def local_source_option(dataset):
 
 
 def dataset_declaration(wildcards):
-    return PARAMS.dataset(wildcards.dataset)
+    """What a preparation depends on: the declaration, less `eval_split` (what tables report)."""
+    return {k: v for k, v in PARAMS.dataset(wildcards.dataset).items() if k != "eval_split"}
 
 
 def dataset_card(wildcards):
