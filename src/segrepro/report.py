@@ -213,7 +213,7 @@ def _runs_section(runs: list[dict], workdir: Path) -> str:
         peak = train.get("peak_memory_mb") or run.get("eval_peak_memory_mb")
         memory = f"{peak:.0f} MB (GPU)" if peak else (
             f"{train['peak_rss_mb']:.0f} MB (RSS)" if train.get("peak_rss_mb") else "not recorded")
-        rows.append([run["scale"], run["dataset"], run["paper"], run["experiment"], run["seed"], run["protocol"],
+        rows.append([run["scale"], run["dataset"], run["paper"], run["experiment"], run["seed"], _scored(run),
                      f"{run['miou']:.2f}", train.get("iterations", run.get("iterations", "?")),
                      _duration(train.get("train_seconds")), train.get("device", "?"), memory,
                      _duration(run.get("eval_seconds")), run.get("eval_device", "?"), train.get("git_commit", "?")])
@@ -222,7 +222,7 @@ def _runs_section(runs: list[dict], workdir: Path) -> str:
     by_run: dict[tuple, dict[str, float]] = {}
     for run in runs:
         key = (run["scale"], run["dataset"], run["paper"], run["experiment"], run["seed"])
-        by_run.setdefault(key, {})[run["protocol"]] = run["miou"]
+        by_run.setdefault(key, {})[_scored(run)] = run["miou"]
     parts.append("<h3>Training curves</h3>")
     for key, finals in sorted(by_run.items()):
         log = paths.run_dir(*key) / paths.TRAIN_LOG
@@ -233,6 +233,12 @@ def _runs_section(runs: list[dict], workdir: Path) -> str:
         plot_training_curve(read_log(log), picture, title, finals)
         parts.append(f"<details><summary>{html.escape(title)}</summary>{_image(picture, title)}</details>")
     return "\n".join(parts)
+
+
+def _scored(run: dict) -> str:
+    """A run's protocol, with the split it scored when that is not val (e.g. "ss (test)")."""
+    split = run.get("split", "val")
+    return run["protocol"] if split == "val" else f"{run['protocol']} ({split})"
 
 
 def _duration(seconds) -> str:
