@@ -33,7 +33,7 @@ LOWER_IS_BETTER = {"gmacs"}
 FLOPS_TOLERANCE = 0.03  # a count further than this from the paper's must say why
 MISSING = "–"  # en dash, for a number the paper does not give
 MINUS = "−"  # the real minus sign, so that "−0.45" lines up with "+1.23"
-ABSENT_MARK = "⚠"  # a row whose evaluated split lacks a class entirely (segrepro.evaluate)
+ABSENT_MARK = "⚠"  # opens the note on an evaluated split that lacks a class (segrepro.evaluate)
 HEADER_KEYS = ("dataset", "scale", "backbone", "iterations", "seeds")
 TEST_SERVER_FORMATS = ("ade20k_sceneparsing", "cityscapes")  # the keys of segrepro.submit.SERVERS
 SUBMISSION_KEY = "segrepro_submission"  # marks segrepro.submit's manifest in a zip's comment
@@ -497,7 +497,9 @@ def _absent_notes(results: dict, order: list[str]) -> list[str]:
     if not absent:
         return []
     splits = ", ".join(dict.fromkeys(str(run.get("split", "val")) for key in order for run in results[key]))
-    return ["", f"{ABSENT_MARK} The evaluated split ({splits}) has no ground-truth pixel of "
+    rows = [key for key in order if _absent_classes(results[key])]
+    which = "every row" if len(rows) == len(order) else "rows " + ", ".join(rows)
+    return ["", f"{ABSENT_MARK} The evaluated split ({splits}; {which}) has no ground-truth pixel of "
                 f"{', '.join(repr(n) for n in absent)}: its IoU is left out of the mIoU, or 0 where predicted; "
                 "check the dataset's label mapping."]
 
@@ -569,7 +571,7 @@ def build_table(name: str, spec: dict, results: dict[str, list[dict]], header: d
     records, lines = [], []
     for row, key in zip(rows, order):
         record = {"label": row["label"], "experiment": row["experiment"], "protocol": key.split("@")[1]}
-        cells = [_cell(row["label"]) + (f" {ABSENT_MARK}" if _absent_classes(results[key]) else "")]
+        cells = [_cell(row["label"])]
         if is_test_server(row):
             submissions = [run["submission"] for run in results[key]]
             record.update({"test_server": row["test_server"]["name"], "submission": "; ".join(submissions)})
