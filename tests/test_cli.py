@@ -309,7 +309,7 @@ def test_list_shows_pspnet_tables_and_experiments(project, capsys):
     lines = out.splitlines()
     start = lines.index(f"pspnet: {registry['title']}")
     experiments_line, tables_line = lines[start + 1], lines[start + 2]
-    assert tables_line.split(":", 1)[1].strip().split(", ") == ["pspnet_table1", "pspnet_table2", "pspnet_table3",
-                                                                "pspnet_open_defaults"]
+    assert tables_line.split(":", 1)[1].strip().split(", ") == ["pspnet_open_defaults", "pspnet_table1",
+                                                                "pspnet_table2", "pspnet_table3"]
     assert experiments_line.split(":", 1)[1].strip().split(", ") == list(registry["experiments"])
 

@@ -400,22 +400,22 @@ def test_dry_run_of_every_target(project, scale):
     print(f"\nsnakemake -n (all targets, scale {scale}): {seconds:.1f} s")
     assert result.returncode == 0, result.stdout[-5000:]
     stats = job_stats(result.stdout)
-    # PSPNet: 15 experiments (14 and 1 of its open defaults), 19 (experiment, protocol) evaluations
-    # (table3 also tests 4 runs with `ms`); SaF: A-K and 4 variants of its open defaults single-scale,
+    # PSPNet: 17 experiments (14 and 3 of its open defaults), 23 (experiment, protocol) evaluations
+    # (table3 also tests 4 runs with `ms`; the open defaults evaluate psp50 without flip and without padding); SaF: A-K and 4 variants of its open defaults single-scale,
     # the two SOTA runs multi-scale (at paper scale on each dataset of Tables 1, 3 and 4: 2 x 3 runs);
     # HFGD: the 49 ResNet/Swin experiments its ablation tables name (its open defaults and Table 9's
-    # counted SemanticFPN included), single-scale, the ConvNeXt OS 4 and OS 2 runs
+    # counted SemanticFPN included), single-scale (the full model also without test padding), the ConvNeXt OS 4 and OS 2 runs
     # single- and multi-scale (Tables 10-16), and at paper scale 3 more on Cityscapes (Table 12),
     # 4 on COCO-Stuff 10k (Table 17), the OS 4 run on each dataset of Tables 10, 11, 13, 15, 16.
     paper = scale == "paper"
     saf = 15 + 2 * (3 if paper else 1)
     hfgd_train = 49 + 2 + (3 + 4 + 4 if paper else 0)
-    hfgd_evaluate = 49 + 4 + (3 + 4 + 2 * 4 if paper else 0)
+    hfgd_evaluate = 49 + 1 + 4 + (3 + 4 + 2 * 4 if paper else 0)
     # 23 ablation tables (with the three papers' open defaults), 7 SOTA ones (SaF 1, 3, 4; HFGD 10,
     # 11, 13, 15, 16), 2 test-server ones, 2 efficiency ones (SaF 5, B: timed, not trained).
     seeds = 1 if paper else 3  # the scale's default seeds (params/scales.yaml)
     assert (stats["train"], stats["evaluate"], stats["table"], stats["all"]) == (
-        seeds * (15 + saf + hfgd_train), seeds * (19 + saf + hfgd_evaluate), 34, 1), stats
+        seeds * (17 + saf + hfgd_train), seeds * (23 + saf + hfgd_evaluate), 34, 1), stats
     assert (stats["figure"], stats["pyramids"], stats["pyramid_stats"], stats["flops"], stats["efficiency"]) == (
         2, 1, 1, 1, 2), stats
     # The scale's datasets are not in data/ yet; SaF's ablations use a fixed-seed subset of ADE20K.
