@@ -9,6 +9,7 @@ stops it (which restores /etc/slurm/slurm.conf).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import pwd
 import re
@@ -35,6 +36,7 @@ TABLE_MD = Path("results/tables") / f"{TABLE}.md"
 CLUSTER_DIR = "/tmp/segrepro-slurm-pytest"
 # Test speed: the plugin first checks job states after 40 s and then every 10 s more each time.
 FAST_STATUS = ("--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "1")
+DB_PORT = 33306  # the script's MariaDB port (DB_PORT in slurm-cluster.sh)
 WORKFLOW_LIMIT = 480  # seconds; the run takes about 2 minutes here
 
 
@@ -121,6 +123,31 @@ def sacct_jobs(since: str) -> list[dict]:
         capture_output=True, text=True, check=True, timeout=60,
     ).stdout
     return [dict(zip(fields, line.split("|"))) for line in out.splitlines() if line.strip()]
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses of the TCP sockets listening on `port` (IPv4 and IPv6, from /proc)."""
+    addresses = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                # /proc prints each 32-bit word in host (little-endian) order.
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                addresses.add(str(ipaddress.ip_address(words)))
+    return addresses
+
+
+@pytest.mark.slow
+def test_the_cluster_listens_on_loopback_only(slurm_cluster):
+    # slurmctld, slurmd and slurmdbd at SLURM's default ports; MariaDB at the script's own port.
+    ports = {"slurmctld": 6817, "slurmd": 6818, "slurmdbd": 6819, "mariadb": DB_PORT}
+    for daemon, port in ports.items():
+        addresses = listening_addresses(port)
+        assert addresses, f"{daemon} does not listen on port {port}"
+        assert all(ipaddress.ip_address(a).is_loopback for a in addresses), (daemon, addresses)
 
 
 @pytest.mark.slow

@@ -152,6 +152,7 @@ CONF
 AuthType=auth/munge
 DbdHost=localhost
 DbdAddr=127.0.0.1
+CommunicationParameters=NoInAddrAny
 SlurmUser=slurm
 PidFile=$DIR/run/slurmdbd.pid
 LogFile=$DIR/log/slurmdbd.log
