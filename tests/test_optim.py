@@ -238,6 +238,24 @@ class Killed(Exception):
     pass
 
 
+def killed_in_the_seventh_step(monkeypatch, config, run_dir, step) -> dict:
+    """Train with `step` as the trainer's step until the seventh call raises Killed; the trainer's
+    own step is put back and the checkpoint left behind returned."""
+    original, calls = trainer.train_step, []
+
+    def dying_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:
+            raise Killed
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", dying_step)
+    with pytest.raises(Killed):
+        train(config, run_dir / "model.pt", device="cpu")
+    monkeypatch.setattr(trainer, "train_step", original)
+    return torch.load(run_dir / CHECKPOINT, weights_only=True)
+
+
 def test_adamw_photometric_run_resumes_to_the_model_of_an_unbroken_run(project, monkeypatch, capsys):
     config = adamw_config()
     reference_dir = project / "results" / "unbroken"
@@ -249,19 +267,7 @@ def test_adamw_photometric_run_resumes_to_the_model_of_an_unbroken_run(project, 
 
     # Killed in the step of iteration 6, after the checkpoint of iteration 4.
     run_dir = project / "results" / "resumed"
-    step, calls = trainer.train_step, []
-
-    def dying_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 7:
-            raise Killed
-        return step(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "train_step", dying_step)
-    with pytest.raises(Killed):
-        train(config, run_dir / "model.pt", device="cpu")
-    monkeypatch.setattr(trainer, "train_step", step)
-    checkpoint = torch.load(run_dir / CHECKPOINT, weights_only=True)
+    checkpoint = killed_in_the_seventh_step(monkeypatch, config, run_dir, trainer.train_step)
     assert checkpoint["iteration"] == 4
     groups = checkpoint["optimizer"]["param_groups"]
     # Decayed and undecayed groups, at the base rate and at PSPNet's 10x (its lr_mult).
@@ -302,23 +308,14 @@ def test_lr_mult_run_resumes_to_the_model_of_an_unbroken_run(project, monkeypatc
     train(config, reference_dir / "model.pt", device="cpu")
 
     run_dir = project / "results" / "resumed"
-    step, calls, rates = trainer.train_step, [], []
+    step, rates = trainer.train_step, []
 
     def recording_step(model, optimizer, *args, **kwargs):
         result = step(model, optimizer, *args, **kwargs)
         rates.append([g["lr"] for g in optimizer.param_groups])
         return result
 
-    def dying_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 7:
-            raise Killed
-        return recording_step(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "train_step", dying_step)
-    with pytest.raises(Killed):
-        train(config, run_dir / "model.pt", device="cpu")
-    checkpoint = torch.load(run_dir / CHECKPOINT, weights_only=True)
+    checkpoint = killed_in_the_seventh_step(monkeypatch, config, run_dir, recording_step)
     assert checkpoint["iteration"] == 4
     groups = checkpoint["optimizer"]["param_groups"]
     assert [g["lr_mult"] for g in groups] == [1.0, 1.0, 10.0, 10.0]
