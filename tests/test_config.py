@@ -477,7 +477,7 @@ def test_a_named_setting_sits_between_the_scale_and_the_experiment(params):
 
 
 def test_iterations_factor_multiplies_the_scale_schedule(params):
-    for scale, base in (("tiny", 6), ("demo", 800), ("paper", 30000)):
+    for scale, base in (("tiny", 6), ("demo", 400), ("paper", 30000)):
         assert params.resolve("hfgd", "fcn_scratch_6x", scale)["train"]["iterations"] == 6 * base
         assert params.resolve("hfgd", "fcn_scratch", scale)["train"]["iterations"] == base
 

@@ -182,7 +182,7 @@ def test_saf_sota_runs_take_their_datasets_protocol(params):
         assert params.resolve("saf", experiment, "paper", "cocostuff10k")["model"]["backbone"]["name"] == (
             "hrnet_w48" if experiment == "I_hrnet48" else "resnet101")
     # Another scale has no such layer: the demo schedule.
-    assert params.resolve("saf", "I_hrnet48", "demo", "cocostuff10k")["train"]["iterations"] == 800
+    assert params.resolve("saf", "I_hrnet48", "demo", "cocostuff10k")["train"]["iterations"] == 400
 
 
 def test_segrepro_config_prints_the_datasets_protocol():
