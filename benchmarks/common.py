@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from segrepro import atomic
-from segrepro.config import deep_merge, load_params
-from segrepro.errors import SegreproError
-from segrepro.models import build_model
-from segrepro.provenance import cpu_model
+from segrepro.config.params import deep_merge, load_params
+from segrepro.core import atomic
+from segrepro.core.errors import SegreproError
+from segrepro.core.provenance import cpu_model
+from segrepro.models.factory import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results" / "benchmarks"
@@ -172,7 +172,7 @@ def _in_child(connection, fn: Callable, args: tuple) -> None:
 
 
 _fork_server = None
-PRELOAD = ("torch", "timm", "segmentation_models_pytorch", "segrepro.models", "segrepro.train", "segrepro.config")
+PRELOAD = ("torch", "timm", "segmentation_models_pytorch", "segrepro.models", "segrepro.engine.train", "segrepro.config")
 
 
 def _memory_context():

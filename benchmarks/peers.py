@@ -22,7 +22,7 @@ not pretrained; peer: smp 0.6 on the same timm backbone, `tu-` + our backbone's 
 
 Our backbone is timm's `resnet50s` (the papers' deep 3x3 stem); smp's usual "tu-resnet50" has the
 7x7 stem, so the peer is built on "tu-resnet50s" to compare heads, not stems (--peer-encoder
-overrides it). Each step is the trainer's `segrepro.train.train_step` (forward, loss, backward,
+overrides it). Each step is the trainer's `segrepro.engine.train.train_step` (forward, loss, backward,
 SGD step): ours with its own loss (the main cross-entropy, plus PSPNet's auxiliary one, part of
 the paper's model), the peer through a wrapper with the same masked cross-entropy on its output.
 Inference: `predict` in eval mode under torch.inference_mode. (--quick gives both backbones the
@@ -62,8 +62,8 @@ from common import (
     write_results,
 )
 
-from segrepro.models.losses import masked_cross_entropy
-from segrepro.train import build_optimizer, train_step
+from segrepro.engine.train import build_optimizer, train_step
+from segrepro.models.common.losses import masked_cross_entropy
 
 NUM_CLASSES = 150  # ADE20K's, for every model (the classifier is a small part of each)
 LR = 0.01

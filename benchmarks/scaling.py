@@ -5,7 +5,7 @@
     python benchmarks/scaling.py --quick           # tiny-scale model, 64 and 96 px: checks it runs
 
 Two sweeps of experiment I (pyramidal output, the contextual module), one training step
-(`segrepro.train.train_step`, the model's own loss with the pyramidal targets computed on the fly):
+(`segrepro.engine.train.train_step`, the model's own loss with the pyramidal targets computed on the fly):
 
 - input size 256, 384, 512, 768, 1024 (square, batch --batch) with the four levels (strides 32,
   16, 8, 4);
@@ -42,8 +42,8 @@ from common import (
     write_results,
 )
 
-from segrepro import atomic
-from segrepro.train import build_optimizer, train_step
+from segrepro.core import atomic
+from segrepro.engine.train import build_optimizer, train_step
 
 NUM_CLASSES = 150  # ADE20K's (SaF's ablation dataset)
 LEVELS = {2: [32, 4], 3: [32, 8, 4], 4: [32, 16, 8, 4]}

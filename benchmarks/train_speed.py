@@ -4,8 +4,8 @@
     python benchmarks/train_speed.py --quick       # any device: the tiny-scale SaF, 64x64, batch 2
 
 The model is experiment I_hrnet48 at the paper scale (HRNet-W48, D = 720, the full SaF head;
-backbone not pretrained), stepped by the trainer's own `segrepro.train.train_step` after
-`segrepro.train.fast_path(model, fast, device)`, on a fixed random batch on the device (the
+backbone not pretrained), stepped by the trainer's own `segrepro.engine.train.train_step` after
+`segrepro.engine.train.fast_path(model, fast, device)`, on a fixed random batch on the device (the
 loader and `pin_memory` are not part of it: benchmarks/pipeline.py measures loading). Variants:
 fp32; bf16 autocast (the trainer's default); bf16 with channels_last, with cudnn_benchmark, with
 torch.compile, one at a time; and all of them on. Global switches (cuDNN's autotuner, dynamo's
@@ -41,7 +41,7 @@ from common import (
     write_results,
 )
 
-from segrepro.train import build_optimizer, fast_path, train_step
+from segrepro.engine.train import build_optimizer, fast_path, train_step
 
 NUM_CLASSES = 150  # ADE20K (SaF Table 5's setting)
 # Dense bf16/fp16 tensor peak, FLOP/s, by a substring of torch.cuda.get_device_name.

@@ -59,7 +59,7 @@ def copy_project(root: Path) -> None:
 def edit_yaml(path: Path | str, override: dict) -> dict:
     """Deep-merge `override` into the YAML mapping at `path` (nested mappings merge, anything
     else replaces) and write it back. Returns the new content."""
-    from segrepro.config import deep_merge
+    from segrepro.config.params import deep_merge
 
     path = Path(path)
     data = deep_merge(yaml.safe_load(path.read_text()) or {}, override)
@@ -76,7 +76,7 @@ def segrepro_command(*args: str) -> list[str]:
 def tiny_dataset(tmp_path_factory) -> Path:
     """data/synthetic-tiny as `segrepro prepare synthetic-tiny` makes it, generated once per session
     from the repository's params/datasets.yaml. Treat it as read-only."""
-    from segrepro.config import read_yaml
+    from segrepro.config.params import read_yaml
     from segrepro.data.prepare import prepare_dataset
 
     declaration = read_yaml(REPO / "params" / "datasets.yaml")[TINY]

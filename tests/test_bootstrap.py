@@ -16,17 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from segrepro import bootstrap
-from segrepro.metrics import ConfusionMatrix
-from segrepro.tables import (
-    CONTRADICTED,
-    NOT_DECISIVE,
-    NOT_TOLD_APART,
-    REPRODUCED,
-    build_table,
-    load_run,
-    parse_claims,
-)
+from segrepro.core import per_image
+from segrepro.engine.metrics import ConfusionMatrix
+from segrepro.reporting import bootstrap
+from segrepro.reporting.markdown import CONTRADICTED, NOT_DECISIVE, NOT_TOLD_APART, REPRODUCED, parse_claims
+from segrepro.reporting.tables import build_table, load_run
 
 # ----------------------------------------------------------------------------- per-image counts
 
@@ -60,18 +54,18 @@ def test_per_image_file_of_ade20k_size_is_small_and_exact(tmp_path):
     """2,000 images x 150 classes, ~12 classes per image with up to 512x683 pixels each."""
     rng = np.random.default_rng(0)
     n, k = 2000, 150
-    counts = {key: np.zeros((n, k), np.int64) for key in bootstrap.COUNT_KEYS}
+    counts = {key: np.zeros((n, k), np.int64) for key in per_image.COUNT_KEYS}
     for i in range(n):
         present = rng.choice(k, size=12, replace=False)
-        for key in bootstrap.COUNT_KEYS:
+        for key in per_image.COUNT_KEYS:
             counts[key][i, present] = rng.integers(0, 512 * 683 // 12, size=12)
     path = tmp_path / "ss.per_image.npz"
     ids = [f"ADE_val_{i:08d}" for i in range(n)]
-    bootstrap.write_per_image(path, counts, ids)
+    per_image.write_per_image(path, counts, ids)
     assert path.stat().st_size < 3 * 2**20
-    loaded = bootstrap.load_per_image(path)
+    loaded = per_image.load_per_image(path)
     assert loaded["image_ids"] == ids
-    assert all(np.array_equal(loaded[key], counts[key]) for key in bootstrap.COUNT_KEYS)
+    assert all(np.array_equal(loaded[key], counts[key]) for key in per_image.COUNT_KEYS)
 
 
 # ----------------------------------------------------------------------------- constructed runs
@@ -93,7 +87,7 @@ def constructed_runs(rng, n_images: int, n_seeds: int, delta: float, image_sprea
             wrong = union - tp
             fp = wrong // 2
             counts = {"image_ids": [str(i) for i in range(n_images)], "tp": tp, "fp": fp, "fn": wrong - fp}
-            totals = {key: counts[key].sum(axis=0).astype(float) for key in bootstrap.COUNT_KEYS}
+            totals = {key: counts[key].sum(axis=0).astype(float) for key in per_image.COUNT_KEYS}
             runs.append({"miou": float(bootstrap.metric_of_counts("miou", **totals)), "per_image": counts})
         rows[method] = runs
     return rows
@@ -218,7 +212,7 @@ def test_stale_per_image_counts_are_refused(tmp_path):
     run = rows["a"][0]
     path = tmp_path / "ss.json"
     path.write_text(json.dumps({"miou": run["miou"] + 1.0, "per_image_counts": "ss.per_image.npz"}))
-    bootstrap.write_per_image(bootstrap.per_image_path(path), run["per_image"], run["per_image"]["image_ids"])
+    per_image.write_per_image(per_image.per_image_path(path), run["per_image"], run["per_image"]["image_ids"])
     with pytest.raises(Exception, match="does not match"):
         load_run(path)
 

@@ -90,7 +90,7 @@ CAMVID_TRAIN_SHARES = [16.85, 23.26, 0.98, 31.66, 4.49, 9.72, 1.17, 1.13, 5.87, 
 def test_the_whole_camvid_copy_converts_to_the_published_class_shares(tmp_path):
     """Every real image of the copy through the converter: the splits' sizes and the training
     labels' class shares are the dataset's published ones, Unlabelled became ignore."""
-    from segrepro.config import load_params
+    from segrepro.config.params import load_params
     from segrepro.data.prepare import prepare_dataset
 
     declaration = load_params(REPO).dataset("camvid")

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from segrepro.errors import SegreproError
-from segrepro.models.car import CARModule, car_losses, resize_labels
+from segrepro.core.errors import SegreproError
+from segrepro.models.hfgd.car import CARModule, car_losses, resize_labels
 
 IGNORE = 255
 EPS = 1e-7

@@ -20,8 +20,8 @@ from conftest import TINY, segrepro_command
 from PIL import Image
 
 from segrepro.cli import main
-from segrepro.config import load_params
-from segrepro.data import IterationBatchSampler
+from segrepro.config.params import load_params
+from segrepro.data.dataset import IterationBatchSampler
 
 ERROR_PREFIX = "segrepro: error: "
 RUN = ("--paper", "pspnet", "--experiment", "fcn", "--scale", "tiny", "--seed", "0")

@@ -19,7 +19,7 @@ import pytest
 from conftest import copy_project
 from test_workflow import TINY_CONFIG, edited, planned_jobs, snakemake
 
-from segrepro.config import load_params
+from segrepro.config.params import load_params
 
 FAMILIES = ("pspnet", "saf", "hfgd")
 
@@ -85,14 +85,14 @@ EFFICIENCY_TABLES = {"table5", "tableB"}
 
 
 @pytest.mark.parametrize("module, families, tables", [
-    ("models/hfgd.py", {"hfgd"}, set()),
-    ("models/pspnet.py", {"pspnet"}, set()),
-    ("models/specialize_fuse.py", {"saf"}, set()),
+    ("models/hfgd/hfgd.py", {"hfgd"}, set()),
+    ("models/pspnet/pspnet.py", {"pspnet"}, set()),
+    ("models/saf/specialize_fuse.py", {"saf"}, set()),
     # Shared modules: layers.py is imported by PSPNet's and HFGD's models, not by SaF's HRNet (only
     # by the comparison heads SaF's efficiency tables time).
-    ("models/layers.py", {"pspnet", "hfgd"}, EFFICIENCY_TABLES),
-    ("models/losses.py", set(FAMILIES), set()),
-    ("models/context_heads.py", set(), EFFICIENCY_TABLES),
+    ("models/common/layers.py", {"pspnet", "hfgd"}, EFFICIENCY_TABLES),
+    ("models/common/losses.py", set(FAMILIES), set()),
+    ("models/saf/context_heads.py", set(), EFFICIENCY_TABLES),
 ])
 def test_model_code_change_reruns_its_families_only(stub, module, families, tables):
     with edited(stub.root / "src/segrepro" / module, lambda text: text + "\n# a change\n"):
@@ -102,3 +102,46 @@ def test_model_code_change_reruns_its_families_only(stub, module, families, tabl
     assert key(jobs) == key(expected), sorted(key(jobs) ^ key(expected))
     rules = {rule for rule, _ in jobs}
     assert ({"train", "evaluate", "table"} if families else {"efficiency", "table"}) <= rules, rules
+
+
+def rerun_by_rule(stub, module: str) -> tuple[list, list]:
+    """The jobs a dry run plans after an edit of `module` (a path under src/segrepro)."""
+    with edited(stub.root / "src/segrepro" / module, lambda text: text + "\n# a change\n"):
+        return stub.dry_run()
+
+
+@pytest.mark.parametrize("module, rules", [
+    # Bookkeeping (MLflow, the training log and curve, the code inputs themselves) changes no
+    # model, metrics or table: only the report shows it, which a tiny build does not make.
+    ("pipeline/tracking.py", set()),
+    ("pipeline/train_log.py", set()),
+    ("pipeline/codedeps.py", set()),
+    # Reporting: the tables (and what draws from them), never a training or an evaluation.
+    ("reporting/saf_report.py", {"table", "figure"}),
+    ("reporting/markdown.py", {"table", "figure", "pyramid_stats"}),
+    ("reporting/bootstrap.py", {"table", "figure"}),
+    ("config/table_specs.py", {"table", "figure", "pyramid_stats"}),
+    # Data: the download and extraction of real archives make no synthetic dataset (the tiny
+    # build's only kind). (data/convert.py also holds Cityscapes' label ids, which a submission
+    # of any dataset maps back to: every submission depends on it.)
+    ("data/download.py", set()),
+    ("data/extract.py", set()),
+])
+def test_reporting_bookkeeping_and_real_data_code_rerun_no_training(stub, module, rules):
+    jobs = rerun_by_rule(stub, module)
+    expected = [(rule, w) for rule, w in stub.plan if rule in rules or (rule == "all" and rules)]
+    assert key(jobs) == key(expected), sorted(key(jobs) ^ key(expected))
+    assert not {"prepare_dataset", "pyramids", "train", "evaluate", "submit", "flops", "efficiency"} & {
+        rule for rule, _ in jobs}
+
+
+def test_the_synthetic_generator_reruns_the_synthetic_data_and_what_follows(stub):
+    """The tiny build runs on synthetic data only: the generator makes all of it, so every job on
+    data reruns; the computation counts and timings (random inputs) and the efficiency tables
+    made of them alone do not. On a real dataset none would: tests/test_config.py checks the
+    code inputs of its jobs."""
+    jobs = rerun_by_rule(stub, "data/synthetic.py")
+    expected = [(rule, w) for rule, w in stub.plan
+                if rule not in ("flops", "efficiency") and w.get("table") not in EFFICIENCY_TABLES]
+    assert key(jobs) == key(expected), sorted(key(jobs) ^ key(expected))
+    assert ("prepare_dataset", (("dataset", "synthetic-tiny"),)) in key(jobs)

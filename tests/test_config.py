@@ -1,5 +1,5 @@
 """params/ loading, validation and run resolution (segrepro.config), the config hash that decides
-reruns (segrepro.provenance) and the per-stage code inputs (segrepro.codedeps)."""
+reruns (segrepro.core.provenance) and the per-stage code inputs (segrepro.pipeline.codedeps)."""
 
 import re
 import shutil
@@ -10,10 +10,10 @@ import pytest
 import yaml
 from conftest import REPO, edit_yaml
 
-from segrepro import codedeps
-from segrepro.config import deep_merge, load_params, read_yaml
-from segrepro.errors import SegreproError
-from segrepro.provenance import config_hash, training_config
+from segrepro.config.params import deep_merge, load_params, read_yaml
+from segrepro.core.errors import SegreproError
+from segrepro.core.provenance import config_hash, training_config
+from segrepro.pipeline import codedeps
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_experiment_overrides_win_over_the_papers_scale_refinement(root):
 
 def test_no_run_asks_for_pretrained_weights_of_a_custom_backbone(params):
     """A backbone with custom layers/channels has no ImageNet weights: such a run cannot start
-    (segrepro.models.backbone refuses it), so no scale may resolve to one."""
+    (segrepro.models.common.backbone refuses it), so no scale may resolve to one."""
     bad = []
     for paper, experiment, scale in all_runs(params):
         backbone = params.resolve(paper, experiment, scale)["model"]["backbone"]
@@ -250,7 +250,8 @@ def test_lr_mult_belongs_to_a_papers_file(root):
 def test_module_names_are_the_families_top_level_modules(params):
     """What `train.lr_mult` may name is what the models have: every model of every experiment
     (tiny scale) has only listed top-level modules, and each listed one occurs in some model."""
-    from segrepro.models import MODULE_NAMES, build_model
+    from segrepro.config.families import MODULE_NAMES
+    from segrepro.models.factory import build_model
 
     for paper, registry in params.papers.items():
         family = registry["model"]["family"]
@@ -321,7 +322,7 @@ def test_seeds_default_per_scale_unless_given():
 
 
 def test_tables_are_named_in_numeric_order():
-    from segrepro.config import natural_sorted
+    from segrepro.config.params import natural_sorted
 
     assert natural_sorted(["hfgd_table10", "hfgd_table9", "tableB", "table10", "table9", "tableA"]) == [
         "hfgd_table9", "hfgd_table10", "table9", "table10", "tableA", "tableB"]
@@ -410,38 +411,78 @@ def test_experiments_have_distinct_training_hashes(params):
 
 # ----------------------------------------------------------------------------- code inputs
 
-def stage(name, family=None):
+def stage(name, family=None, data=None):
     src = REPO / "src"
-    return {str(Path(p).relative_to(src)) for p in codedeps.stage_sources(name, family, source_root=str(src))}
+    return {str(Path(p).relative_to(src)) for p in codedeps.stage_sources(name, family, source_root=str(src), data=data)}
 
 
 def test_stage_sources_of_one_model_family():
     """A run depends on its own family's model code only."""
     pspnet_train, saf_train = stage("train", "pspnet"), stage("train", "saf")
-    assert "segrepro/models/pspnet.py" in pspnet_train and "segrepro/models/pspnet.py" not in saf_train
-    assert not {"segrepro/models/specialize_fuse.py", "segrepro/pyramid.py"} & pspnet_train
-    assert {"segrepro/models/specialize_fuse.py", "segrepro/models/hrnet.py", "segrepro/pyramid.py",
-            "segrepro/models/losses.py"} <= saf_train
-    assert "segrepro/saf_analysis.py" in stage("evaluate", "saf")
-    assert "segrepro/saf_analysis.py" not in stage("evaluate", "pspnet")
+    assert "segrepro/models/pspnet/pspnet.py" in pspnet_train and "segrepro/models/pspnet/pspnet.py" not in saf_train
+    assert not {"segrepro/models/saf/specialize_fuse.py", "segrepro/models/saf/pyramid.py"} & pspnet_train
+    assert {"segrepro/models/saf/specialize_fuse.py", "segrepro/models/common/hrnet.py", "segrepro/models/saf/pyramid.py",
+            "segrepro/models/saf/features.py", "segrepro/models/common/losses.py"} <= saf_train
+    assert not any(p.startswith(("segrepro/models/pspnet/", "segrepro/models/hfgd/")) for p in saf_train)
+    assert "segrepro/engine/saf_analysis.py" in stage("evaluate", "saf")
+    assert "segrepro/engine/saf_analysis.py" not in stage("evaluate", "pspnet")
     # Without a family, a stage depends on every family's code.
     assert pspnet_train | saf_train <= stage("train")
 
 
 def test_stage_sources():
     table, train, evaluate, prepare = stage("table"), stage("train"), stage("evaluate"), stage("prepare")
-    assert "segrepro/tables.py" in table
-    assert "segrepro/train.py" not in table and not any("models" in p for p in table)
-    assert {"segrepro/train.py", "segrepro/models/pspnet.py", "segrepro/models/backbone.py",
-            "segrepro/models/__init__.py", "segrepro/data/dataset.py", "segrepro/tracking.py",
-            "segrepro/__init__.py"} <= train
-    assert "segrepro/inference.py" not in train and "segrepro/evaluate.py" not in train
-    assert {"segrepro/evaluate.py", "segrepro/inference.py", "segrepro/metrics.py",
-            "segrepro/train.py", "segrepro/models/pspnet.py"} <= evaluate
-    assert "segrepro/data/synthetic.py" in prepare and "segrepro/train.py" not in prepare
+    assert "segrepro/reporting/tables.py" in table
+    assert "segrepro/engine/train.py" not in table and not any("models" in p for p in table)
+    assert {"segrepro/engine/train.py", "segrepro/models/pspnet/pspnet.py", "segrepro/models/common/backbone.py",
+            "segrepro/models/factory.py", "segrepro/data/dataset.py", "segrepro/__init__.py"} <= train
+    assert "segrepro/engine/inference.py" not in train and "segrepro/engine/evaluate.py" not in train
+    assert {"segrepro/engine/evaluate.py", "segrepro/engine/inference.py", "segrepro/engine/metrics.py",
+            "segrepro/core/per_image.py", "segrepro/engine/train.py", "segrepro/models/pspnet/pspnet.py"} <= evaluate
+    assert "segrepro/data/synthetic.py" in prepare and "segrepro/engine/train.py" not in prepare
     for files in (table, train, evaluate, prepare):
         assert all((REPO / "src" / f).is_file() for f in files)
     assert codedeps.stage_sources("train", source_root=str(REPO / "src")) == sorted(codedeps.stage_sources("train", source_root=str(REPO / "src")))
+
+
+def test_the_synthetic_generator_is_code_of_synthetic_data_only():
+    """Preparing a real dataset does not run the generator, and no stage on a real dataset depends
+    on it: editing it reruns nothing there. Synthetic data, the other way round, is not made by
+    the converters of real archives."""
+    real_data = {"segrepro/data/convert.py", "segrepro/data/download.py", "segrepro/data/extract.py",
+                 "segrepro/data/folder.py", "segrepro/data/items.py"}
+    assert {"segrepro/data/synthetic.py", *real_data} <= stage("prepare")
+    assert "segrepro/data/synthetic.py" not in stage("prepare", data="real")
+    assert {"segrepro/data/prepare.py", "segrepro/data/layout.py", *real_data} <= stage("prepare", data="real")
+    assert "segrepro/data/synthetic.py" in stage("prepare", data="synthetic")
+    assert not real_data & stage("prepare", data="synthetic")
+    assert "segrepro/data/synthetic.py" not in stage("pyramid_stats", data="real")
+    # The dataset reader does not bring the generator along (segrepro.data re-exports nothing).
+    for name in ("train", "evaluate", "submit", "pyramids", "figure", "flops", "efficiency", "table", "report"):
+        assert "segrepro/data/synthetic.py" not in stage(name), name
+
+
+def test_reporting_and_bookkeeping_are_no_code_of_a_model_or_its_scores():
+    """Editing a report module reruns no training or evaluation, and the bookkeeping (MLflow
+    tracking, the training log, the planner) reruns nothing but the report that shows it."""
+    for name in ("prepare", "train", "evaluate", "submit", "pyramids", "flops", "efficiency"):
+        files = stage(name)
+        assert not any(p.startswith("segrepro/reporting/") for p in files), name
+        assert not any(p.startswith("segrepro/pipeline/") for p in files), name
+    for name in ("table", "figure", "pyramid_stats"):
+        assert not any(p.startswith("segrepro/pipeline/") for p in stage(name)), name
+    assert {"segrepro/pipeline/tracking.py", "segrepro/pipeline/train_log.py", "segrepro/reporting/report.py",
+            "segrepro/reporting/tables.py"} <= stage("report")
+
+
+def test_every_stage_enters_through_its_cli_command():
+    for name in codedeps.STAGES:
+        entries = codedeps.entry_modules(name, str(REPO / "src"))
+        assert entries and all(m.startswith("segrepro.") for m in entries), name
+    assert "segrepro.engine.train" in codedeps.entry_modules("train", str(REPO / "src"))
+    assert {"segrepro.engine.pyramid_store", "segrepro.reporting.pyramid_stats"} <= set(
+        codedeps.entry_modules("pyramid_stats", str(REPO / "src")))
+    assert "segrepro.measure.efficiency_probe" in codedeps.entry_modules("efficiency", str(REPO / "src"))
 
 
 def test_stage_sources_follow_lazy_and_relative_imports(tmp_path):
@@ -449,7 +490,9 @@ def test_stage_sources_follow_lazy_and_relative_imports(tmp_path):
     (pkg / "sub").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "sub" / "__init__.py").write_text("")
-    (pkg / "tables.py").write_text("def f():\n    from .sub import helper\n")
+    (pkg / "cli.py").write_text("from segrepro import unused\n\n\ndef cmd_table(params, args):\n"
+                                "    from segrepro.tables import write\n")
+    (pkg / "tables.py").write_text("def write():\n    from .sub import helper\n")
     (pkg / "sub" / "helper.py").write_text("from segrepro import leaf\n")
     (pkg / "leaf.py").write_text("import os\n")
     (pkg / "unused.py").write_text("")

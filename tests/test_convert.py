@@ -13,9 +13,9 @@ import yaml
 from miniature import blocks, build
 from PIL import Image
 
+from segrepro.core.errors import SegreproError
 from segrepro.data.convert import convert
 from segrepro.data.dataset import CARD_NAME, SegmentationDataset, load_card
-from segrepro.errors import SegreproError
 
 CASES = {  # case -> (kind, build options, declaration options)
     "ade20k": ("ade20k", {}, {}),

@@ -23,8 +23,9 @@ import torch
 from conftest import TINY, copy_project, edit_yaml, segrepro_command
 from test_train import tiny_config
 
-from segrepro import atomic, paths, tracking
-from segrepro.train import CHECKPOINT, COMPLETE, LOCK, LOG, train
+from segrepro.core import atomic, paths
+from segrepro.engine.train import CHECKPOINT, COMPLETE, LOCK, LOG, train
+from segrepro.pipeline import tracking
 
 RUN = ("tiny", TINY, "pspnet", "psp50", 0)
 MODEL = str(paths.model_path(*RUN))
@@ -251,7 +252,7 @@ def test_a_second_trainer_on_a_locked_run_stops_naming_the_holder(project, segre
 # ----------------------------------------------------------------------------- a torn log line
 
 def test_a_torn_last_log_line_is_dropped_and_written_again(project, edit_params, monkeypatch):
-    import segrepro.train as trainer
+    import segrepro.engine.train as trainer
 
     edit_params("scales.yaml", {"tiny": {"train": TRAIN}})
     config = tiny_config()
@@ -282,8 +283,8 @@ def test_a_torn_last_log_line_is_dropped_and_written_again(project, edit_params,
 
 
 def test_a_torn_line_in_the_middle_of_the_log_is_an_error_naming_it(tmp_path):
-    from segrepro.errors import SegreproError
-    from segrepro.plots import read_log
+    from segrepro.core.errors import SegreproError
+    from segrepro.pipeline.train_log import read_log
 
     log = tmp_path / LOG
     log.write_text('{"iteration": 3, "loss": 1.0}\n{"iteration": 6, "lo\n{"iteration": 9, "loss": 0.5}\n')
@@ -367,7 +368,7 @@ def test_an_unknown_target_is_one_line(project):
 def test_progress_lines_of_a_training(tmp_path):
     import io
 
-    from segrepro import controller
+    from segrepro.pipeline import controller
 
     runs = tmp_path / "runs"
     run_dir = runs / "demo" / "synthetic" / "pspnet" / "psp50" / "seed0"

@@ -9,19 +9,20 @@ import torch
 import yaml
 from PIL import Image
 
-from segrepro.config import load_params
-from segrepro.data import (
+from segrepro.config.params import load_params
+from segrepro.core.errors import SegreproError
+from segrepro.data.dataset import (
+    BLUR_KERNEL,
     IMAGENET_MEAN,
     IMAGENET_STD,
     IterationBatchSampler,
     SegmentationDataset,
     TrainAugment,
-    generate_dataset,
+    blur_window,
     load_card,
     make_train_loader,
 )
-from segrepro.data.dataset import BLUR_KERNEL, blur_window
-from segrepro.errors import SegreproError
+from segrepro.data.synthetic import generate_dataset
 
 
 def write_dataset(root: Path, pairs: dict, num_classes: int = 12, split: str = "train") -> Path:
@@ -396,7 +397,7 @@ def test_base_size_scale_sets_the_long_side(height, width):
 
 
 def test_saf_declares_its_base_size_at_the_paper_scale():
-    from segrepro.config import load_params
+    from segrepro.config.params import load_params
 
     params = load_params(Path(__file__).resolve().parents[1])
     assert params.resolve("saf", "I", "paper")["train"]["base_size"] == 512  # = the crop, as HRNet-OCR
@@ -493,7 +494,7 @@ def test_rotation_moves_image_and_label_together():
 
 
 def pspnet_augment():
-    """The TrainAugment PSPNet's resolved recipe builds (as segrepro.train passes it)."""
+    """The TrainAugment PSPNet's resolved recipe builds (as segrepro.engine.train passes it)."""
     train = load_params(Path(__file__).resolve().parents[1]).resolve("pspnet", "psp50", "tiny")["train"]
     return train, TrainAugment(32, scale_range=(1.0, 1.0), flip=train["flip"], brightness=train["brightness"],
                                rotate=train.get("rotate", 0.0), blur=train.get("blur", 0.0))

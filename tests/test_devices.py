@@ -1,4 +1,4 @@
-"""GPU claiming (segrepro.devices) with pretended devices: concurrent jobs get distinct devices,
+"""GPU claiming (segrepro.core.devices) with pretended devices: concurrent jobs get distinct devices,
 a job waits while all are taken, a crashed job frees its device, SLURM's and the user's
 assignments are respected. CPU only (SEGREPRO_FAKE_GPU_COUNT)."""
 
@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from segrepro import cli, devices
-from segrepro.errors import SegreproError
+from segrepro import cli
+from segrepro.core import devices
+from segrepro.core.errors import SegreproError
 
 # A job: claim one device, print what it got, then hold it until told to stop (stdin closes).
 HOLDER = """
 import sys
-from segrepro import devices
+from segrepro.core import devices
 try:
     got = devices.claim(1)
 except Exception as err:
@@ -132,9 +133,9 @@ def test_several_devices_for_one_job_and_the_wrapper_passes_its_locks_on(gpu_env
     for handle in devices._held:
         handle.close()
 
-    # `python -m segrepro.devices 2 -- CMD`: CMD sees two devices, and holds them while it runs.
+    # `python -m segrepro.core.devices 2 -- CMD`: CMD sees two devices, and holds them while it runs.
     wrapped = subprocess.Popen(
-        [sys.executable, "-m", "segrepro.devices", "2", "--", sys.executable, "-c",
+        [sys.executable, "-m", "segrepro.core.devices", "2", "--", sys.executable, "-c",
          "import os, sys; print(os.environ['CUDA_VISIBLE_DEVICES'], flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         env={k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", devices.CLAIMED)})

@@ -1,4 +1,4 @@
-"""Training with several processes (segrepro.distributed): `segrepro train` under torchrun, here
+"""Training with several processes (segrepro.engine.distributed): `segrepro train` under torchrun, here
 two CPU processes (gloo). Each process takes its half of the single-process run's global batch,
 SyncBN normalises with the whole batch's statistics and DDP averages the gradients, so the run
 follows the single-process one; rank 0 alone writes; a crashed run resumes to exactly the model of
@@ -16,10 +16,13 @@ import pytest
 import torch
 from conftest import segrepro_command
 
-from segrepro import cli, distributed, paths, tracking
-from segrepro.data import IterationBatchSampler
-from segrepro.errors import SegreproError
-from segrepro.train import CHECKPOINT, LOG
+from segrepro import cli
+from segrepro.core import paths
+from segrepro.core.errors import SegreproError
+from segrepro.data.dataset import IterationBatchSampler
+from segrepro.engine import distributed
+from segrepro.engine.train import CHECKPOINT, LOG
+from segrepro.pipeline import tracking
 
 RUN = ("train", "--paper", "pspnet", "--experiment", "psp50", "--scale", "tiny", "--threads", "1")
 

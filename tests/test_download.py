@@ -7,9 +7,9 @@ import pytest
 import yaml
 from loopback import serve
 
+from segrepro.core.errors import SegreproError
 from segrepro.data import download
 from segrepro.data.download import fetch, verify
-from segrepro.errors import SegreproError
 
 NAME = "archive.zip"
 DATA = bytes(range(256)) * 400  # 102,400 bytes

@@ -11,16 +11,20 @@ import pytest
 import torch
 from test_workflow import job_stats, snakemake
 
-from segrepro import codedeps, efficiency
-from segrepro.config import load_params
-from segrepro.errors import SegreproError
-from segrepro.tables import CONTRADICTED, NOT_TOLD_APART, REPRODUCED, parse_claims
-from segrepro.models import context_heads
-from segrepro.models.context_heads import (
+from segrepro.config import efficiency_spec
+from segrepro.config.params import load_params
+from segrepro.core import paths
+from segrepro.core.errors import SegreproError
+from segrepro.measure import efficiency
+from segrepro.models.saf import context_heads
+from segrepro.models.saf.context_heads import (
     CrissCrossAttention,
     ObjectContextHead,
     build_comparison_model,
 )
+from segrepro.pipeline import codedeps
+from segrepro.reporting import efficiency_table
+from segrepro.reporting.markdown import CONTRADICTED, NOT_TOLD_APART, REPRODUCED, parse_claims
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 5
@@ -118,7 +122,7 @@ def test_unknown_head_and_stride_are_one_line_errors(params):
 
 
 def test_the_table_module_knows_the_heads_without_importing_them():
-    assert efficiency.COMPARISON_HEADS == context_heads.HEADS
+    assert efficiency_spec.COMPARISON_HEADS == context_heads.HEADS
 
 
 # ----------------------------------------------------------------------------- code inputs
@@ -130,11 +134,13 @@ def test_only_the_efficiency_stage_runs_model_code():
         return {str(Path(p).relative_to(src)) for p in codedeps.stage_sources(name, family, source_root=src)}
 
     table, timing = stage("table"), stage("efficiency", "saf")
-    assert "segrepro/efficiency.py" in table
-    assert not {"segrepro/efficiency_probe.py", "segrepro/train.py"} & table and not any("models" in p for p in table)
-    assert {"segrepro/efficiency_probe.py", "segrepro/train.py", "segrepro/models/context_heads.py",
-            "segrepro/models/specialize_fuse.py", "segrepro/models/layers.py"} <= timing
-    assert not {"segrepro/models/hfgd.py", "segrepro/models/pspnet.py"} & timing
+    assert "segrepro/reporting/efficiency_table.py" in table
+    assert not {"segrepro/measure/efficiency.py", "segrepro/measure/efficiency_probe.py", "segrepro/engine/train.py"} & table
+    assert not any("models" in p for p in table)
+    assert {"segrepro/measure/efficiency.py", "segrepro/measure/efficiency_probe.py", "segrepro/engine/train.py",
+            "segrepro/models/saf/context_heads.py",
+            "segrepro/models/saf/specialize_fuse.py", "segrepro/models/common/layers.py"} <= timing
+    assert not {"segrepro/models/hfgd/hfgd.py", "segrepro/models/pspnet/pspnet.py"} & timing
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -181,7 +187,7 @@ def record_of(measured: dict, **changes) -> dict:
 
 def test_table_from_a_record(params):
     _, spec = params.table("table5")
-    text, frame = efficiency.build_efficiency_table("table5", spec, record_of(MEASURED))
+    text, frame = efficiency_table.build_efficiency_table("table5", spec, record_of(MEASURED))
     assert "- Device: Test CPU (CPU, 2 torch threads); the paper's: GeForce RTX 2080 Ti" in text
     assert "- Input: 256×256 random images (a CPU times a smaller input" in text
     assert "batch 4" in text and "- Precision: fp32" in text and "peak resident set size" in text
@@ -210,7 +216,7 @@ def test_table_b_divides_by_the_dilated_resnet_and_leaves_missing_paper_numbers_
     _, spec = params.table("tableB")
     measured = {"resnet101": (20.0, 2.0, 3.0), "dilated": (5.0, 0.5, 8.0), "decoder": (8.0, 0.8, 6.0),
                 "decoder_ours": (6.0, 0.6, 6.5)}
-    text, _ = efficiency.build_efficiency_table("tableB", spec, record_of(measured, table="tableB"))
+    text, _ = efficiency_table.build_efficiency_table("tableB", spec, record_of(measured, table="tableB"))
     # the paper gives no training it/s in Table B; 32 / 24 = 1.33, 8.4 / 9.6 = 0.88
     assert "| ResNet101-decoder | 32 | 8 | 1.33× | 1.60× | – | 0.8 | – | 1.60× | 8.4 | 6 | 0.88× | 0.75× |" in text
     assert text.count("- ✅ reproduced") == 4
@@ -219,7 +225,7 @@ def test_table_b_divides_by_the_dilated_resnet_and_leaves_missing_paper_numbers_
 def test_a_cuda_record_names_its_memory_measure(params):
     _, spec = params.table("table5")
     record = record_of(MEASURED, device="cuda", device_name="NVIDIA H200", input_size=512, test_images=50)
-    text, _ = efficiency.build_efficiency_table("table5", spec, record)
+    text, _ = efficiency_table.build_efficiency_table("table5", spec, record)
     assert "- Device: NVIDIA H200 (GPU); the paper's: GeForce RTX 2080 Ti" in text
     assert "- Input: 512×512 random images, 150 classes" in text and "allocator reserved" in text
 
@@ -229,17 +235,17 @@ def test_write_table_needs_the_measurements_of_its_scale(params, tmp_path, monke
     _, spec = params.table("table5")
     out = tmp_path / "table5.md"
     with pytest.raises(SegreproError, match=r"no measurements \(run `segrepro efficiency table5 --scale demo`\)"):
-        efficiency.write_efficiency_table(params, "table5", spec, "demo", out)
-    path = efficiency.efficiency_path("table5")
+        efficiency_table.write_efficiency_table(params, "table5", spec, "demo", out)
+    path = paths.efficiency_path("table5")
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(record_of(MEASURED, scale="tiny")))
     with pytest.raises(SegreproError, match="measures table 'table5' at scale 'tiny'"):
-        efficiency.write_efficiency_table(params, "table5", spec, "demo", out)
+        efficiency_table.write_efficiency_table(params, "table5", spec, "demo", out)
     path.write_text(json.dumps(record_of({k: v for k, v in MEASURED.items() if k != "ocr"})))
     with pytest.raises(SegreproError, match="no measurement of row 'ocr'"):
-        efficiency.write_efficiency_table(params, "table5", spec, "demo", out)
+        efficiency_table.write_efficiency_table(params, "table5", spec, "demo", out)
     path.write_text(json.dumps(record_of(MEASURED)))
-    efficiency.write_efficiency_table(params, "table5", spec, "demo", out)
+    efficiency_table.write_efficiency_table(params, "table5", spec, "demo", out)
     assert out.is_file() and out.with_suffix(".csv").is_file()
 
 
@@ -266,7 +272,7 @@ def broken(spec: dict, change) -> dict:
 def test_bad_spec_is_a_one_line_error(params, change, message):
     _, spec = params.table("table5")
     with pytest.raises(SegreproError) as err:
-        efficiency.check_efficiency_spec("table 'table5'", broken(spec, change))
+        efficiency_spec.check_efficiency_spec("table 'table5'", broken(spec, change))
     assert message in str(err.value) and "\n" not in str(err.value)
 
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from segrepro.errors import SegreproError
-from segrepro.models.encoders import (
+from segrepro.core.errors import SegreproError
+from segrepro.models.hfgd.encoders import (
     ENCODER_TYPES,
     AxialAttention,
     SelfAttention,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from segrepro.core.errors import SegreproError
 from segrepro.data.extract import safe_extract
-from segrepro.errors import SegreproError
 
 TREE = {"root/a.txt": b"alpha", "root/sub/b.bin": bytes(range(256)) * 10, "root/sub/deeper/c.txt": b"c"}
 

@@ -15,10 +15,10 @@ import yaml
 from conftest import copy_project, edit_yaml
 from PIL import Image
 
+from segrepro.core.errors import SegreproError
 from segrepro.data.dataset import SegmentationDataset, load_card, read_label
 from segrepro.data.folder import fraction_split
 from segrepro.data.prepare import prepare_dataset
-from segrepro.errors import SegreproError
 
 W, H = 40, 32
 # The declaration, as a user writes it (root filled in by each test).
@@ -261,8 +261,8 @@ def test_the_root_may_not_lie_inside_the_dataset_folder(tmp_path):
 # ----------------------------------------------------------------------------- configuration
 
 def test_the_declaration_validates_and_sources_may_name_a_folder_dataset(project, tmp_path):
-    from segrepro.config import load_params
-    from segrepro.errors import SegreproError as Error
+    from segrepro.config.params import load_params
+    from segrepro.core.errors import SegreproError as Error
 
     edit_yaml(project / "params/datasets.yaml", {"membrane": {**MEMBRANE, "root": "elsewhere"}})
     params = load_params(project, workflow={"scale": "tiny", "seeds": [0], "sources": {"membrane": str(tmp_path)}})

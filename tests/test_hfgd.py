@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from segrepro import inference
-from segrepro.config import deep_merge, load_params
-from segrepro.errors import SegreproError
-from segrepro.models import build_model
-from segrepro.train import build_optimizer, train_step
+from segrepro.config.params import deep_merge, load_params
+from segrepro.core.errors import SegreproError
+from segrepro.engine import inference
+from segrepro.engine.train import build_optimizer, train_step
+from segrepro.models.factory import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 5
@@ -175,7 +175,7 @@ def table9_rows():
 def test_table9_counts_are_within_3_percent_of_the_papers(params, row):
     """Table 9 as the table counts it (paper-scale models on the meta device): 513x513, 59
     classes, unless the row says how the paper counted that model."""
-    from segrepro.flops import count_macs
+    from segrepro.measure.flops import count_macs
 
     settings = dict(params.table("hfgd_table9")[1]["flops"], **row.get("flops", {}))
     model = params.resolve("hfgd", row["experiment"], "paper")["model"]
@@ -190,7 +190,7 @@ def test_cross_entropy_normalisation_by_hand():
     pixels (torch's mean) or over all 4 (the HFGD authors' Keras mean)."""
     from math import log
 
-    from segrepro.models.losses import masked_cross_entropy
+    from segrepro.models.common.losses import masked_cross_entropy
 
     labels = torch.tensor([[[0, 1, 255, 255]]])
     logits = torch.tensor([[[[0.0, log(3.0), 5.0, -5.0]], [[0.0, 0.0, -5.0, 5.0]]]])  # (1, 2, 1, 4)

@@ -1,17 +1,14 @@
-"""Stride-4 feature extractors (segrepro.models.hrnet): the upsample+concat fusion on hand-computed
+"""Stride-4 feature extractors (segrepro.models.common.hrnet, segrepro.models.saf.features): the upsample+concat fusion on hand-computed
 values, output shapes and channel counts of HRNetFeatures and ResNetDecoder (Sec. 5.1.2, App. D),
 gradient flow, the config builder and its one-line errors. Random init only (no downloads)."""
 
 import pytest
 import torch
 
-from segrepro.errors import SegreproError
-from segrepro.models.hrnet import (
-    HRNetFeatures,
-    ResNetDecoder,
-    build_feature_extractor,
-    upsample_concat,
-)
+from segrepro.core.errors import SegreproError
+from segrepro.models.common.hrnet import HRNetFeatures, upsample_concat
+from segrepro.models.saf.features import build_feature_extractor
+from segrepro.models.saf.resnet_decoder import ResNetDecoder
 
 # A tiny ResNet-18 (timm kwargs) and a tiny decoder: 8+16+32+64 = 120 channels at stride 4.
 TINY_RESNET = {"channels": [8, 16, 32, 64], "stem_width": 8, "layers": [1, 1, 1, 1]}

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segrepro.errors import SegreproError
-from segrepro.inference import (
+from segrepro.core.errors import SegreproError
+from segrepro.engine.inference import (
     evaluate,
     odd_keeping_size,
     predict_probs,

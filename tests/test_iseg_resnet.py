@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from segrepro.config import deep_merge, load_params
-from segrepro.errors import SegreproError
-from segrepro.models import build_model
-from segrepro.models.backbone import ISegResNet, iseg_block_layout
+from segrepro.config.params import deep_merge, load_params
+from segrepro.core.errors import SegreproError
+from segrepro.models.common.backbone import ISegResNet, iseg_block_layout
+from segrepro.models.factory import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"channels": [4, 8, 16, 32], "stem_width": 4}

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from segrepro.metrics import ConfusionMatrix
+from segrepro.engine.metrics import ConfusionMatrix
 
 # Hand-computed case, 3 classes, last pixel ignored:
 #   target = 0 0 1 1 2 2 255

@@ -28,8 +28,8 @@ import pytest
 from conftest import REPO
 from test_workflow import snakemake
 
-from segrepro import tracking
-from segrepro.errors import SegreproError
+from segrepro.core.errors import SegreproError
+from segrepro.pipeline import tracking
 
 TABLE = "pspnet_table2"
 PAPER = "pspnet"
@@ -302,7 +302,7 @@ def get_json(url: str) -> dict:
 def test_the_ui_lines_up_a_tables_runs(project, chromium, request, tmp_path):
     import mlflow
 
-    from segrepro.config import load_params
+    from segrepro.config.params import load_params
 
     built = snakemake(project, f"results/tables/{TABLE}.md", "--cores", "2", "--config", "scale=tiny",
                       env=dict(os.environ), timeout=900)

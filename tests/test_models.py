@@ -1,4 +1,4 @@
-"""PSPNet (segrepro.models.pspnet): shapes, the pyramid pooling arithmetic, the auxiliary branch,
+"""PSPNet (segrepro.models.pspnet.pspnet): shapes, the pyramid pooling arithmetic, the auxiliary branch,
 the loss, the dilated backbone and the backbone's weight loading errors."""
 
 from pathlib import Path
@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO
 
-from segrepro.config import deep_merge, load_params
-from segrepro.errors import SegreproError
-from segrepro.models import build_model
-from segrepro.models.losses import masked_cross_entropy
-from segrepro.models.pspnet import PSPNet, PyramidPooling
+from segrepro.config.params import deep_merge, load_params
+from segrepro.core.errors import SegreproError
+from segrepro.models.common.losses import masked_cross_entropy
+from segrepro.models.factory import build_model
+from segrepro.models.pspnet.pspnet import PSPNet, PyramidPooling
 
 NUM_CLASSES = 5
 
@@ -305,7 +305,7 @@ def test_whole_stage_dilation_changes_the_computation_not_the_weights(params):
 
 
 def test_dilate_first_block_needs_a_resnet():
-    from segrepro.models.backbone import Backbone
+    from segrepro.models.common.backbone import Backbone
 
     with pytest.raises(SegreproError, match="convnext_atto.*ResNet"):
         Backbone("convnext_atto", out_indices=(3,), output_stride=8, dilate_first_block=True)
@@ -385,7 +385,7 @@ def test_pretrained_true_reads_the_hub_cache_offline(monkeypatch, tmp_path):
     from safetensors.torch import save_file
     from timm.models import get_pretrained_cfg
 
-    from segrepro.models.backbone import create_timm_model
+    from segrepro.models.common.backbone import create_timm_model
 
     _offline_hub(monkeypatch, tmp_path)
     repo = get_pretrained_cfg("resnet18").hf_hub_id                      # timm/resnet18.a1_in1k
@@ -405,7 +405,7 @@ def test_pretrained_file_is_loaded_weights_only(tmp_path):
     """A weights file holding anything but tensors (a pickled object) is refused, not executed."""
     import timm
 
-    from segrepro.models.backbone import create_timm_model
+    from segrepro.models.common.backbone import create_timm_model
 
     good = tmp_path / "resnet18.pth"
     state = timm.create_model("resnet18").state_dict()
@@ -475,7 +475,7 @@ def test_local_weights_file_loads_and_a_misfit_is_named(tmp_path):
     with one line (not a size-mismatch traceback)."""
     import timm
 
-    from segrepro.models.backbone import create_timm_model
+    from segrepro.models.common.backbone import create_timm_model
 
     torch.manual_seed(0)
     source = timm.create_model("resnet18", pretrained=False, num_classes=10)

@@ -1,4 +1,4 @@
-"""The optimizers of segrepro.train.build_optimizer (SGD, the plain setting; AdamW with decay and
+"""The optimizers of segrepro.engine.train.build_optimizer (SGD, the plain setting; AdamW with decay and
 no-decay groups, HFGD's advanced setting), its parameter groups (`train.lr_mult`, `train.decay`),
 and AdamW + photometric training and PSPNet's 10x groups through the trainer, resumed to exactly
 the model of an unbroken run."""
@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from segrepro import train as trainer
-from segrepro.config import deep_merge, load_params
-from segrepro.data import load_card
-from segrepro.errors import SegreproError
-from segrepro.models import build_model
-from segrepro.train import CHECKPOINT, LOG, build_optimizer, poly_lr, train
+from segrepro.config.params import deep_merge, load_params
+from segrepro.core.errors import SegreproError
+from segrepro.data.dataset import load_card
+from segrepro.engine import train as trainer
+from segrepro.engine.train import CHECKPOINT, LOG, build_optimizer, poly_lr, train
+from segrepro.models.factory import build_model
 
 ADAMW = {"optimizer": "adamw", "lr": 4e-5, "weight_decay": 0.05, "decay": "kernels", "momentum": 0.9}
 

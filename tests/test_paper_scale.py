@@ -19,7 +19,7 @@ import yaml
 from conftest import REPO, copy_project, segrepro_command
 from test_workflow import job_stats, planned_jobs, project_env, snakemake
 
-from segrepro.config import load_params
+from segrepro.config.params import load_params
 
 PAPER = ("--config", "scale=paper")
 IO_LINE = re.compile(r"^\s+(input|output): (.*)$")

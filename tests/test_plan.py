@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from segrepro import paths, plan
-from segrepro.config import load_params
-from segrepro.errors import SegreproError
+from segrepro.config.params import load_params
+from segrepro.core import paths
+from segrepro.core.errors import SegreproError
+from segrepro.pipeline import plan
 
 TABLE = "results/tables/pspnet_table2.md"
 ITERATIONS = 6          # params/scales.yaml tiny.train.iterations

@@ -12,8 +12,9 @@ import torch
 from conftest import segrepro_command
 from test_train import default_run_dir, logged_iterations, mlflow_client, read_log
 
-from segrepro import cli, tracking
-from segrepro.train import CHECKPOINT, PREEMPTED_EXIT
+from segrepro import cli
+from segrepro.engine.train import CHECKPOINT, PREEMPTED_EXIT
+from segrepro.pipeline import tracking
 
 # On the CPU whatever the machine has: the comparison with the unbroken run is bit for bit.
 RUN = ("--paper", "pspnet", "--experiment", "psp50", "--scale", "tiny", "--threads", "1",
@@ -109,7 +110,7 @@ def test_a_signalled_run_checkpoints_exits_and_resumes_to_the_unbroken_model(pro
 def test_a_loader_worker_outlives_a_strangers_stop_signal_but_not_its_parents():
     from torch.utils.data import DataLoader
 
-    from segrepro.train import _ignore_stop_signals
+    from segrepro.engine.train import _ignore_stop_signals
 
     loader = DataLoader(list(range(100)), batch_size=2, num_workers=1, persistent_workers=True,
                         worker_init_fn=_ignore_stop_signals)

@@ -1,4 +1,4 @@
-"""Tests of segrepro.pyramid: App. B ground truth, Sec. 3.2 relabelling, Eq. 1 loss, Eq. 2 fuse."""
+"""Tests of segrepro.models.saf.pyramid: App. B ground truth, Sec. 3.2 relabelling, Eq. 1 loss, Eq. 2 fuse."""
 
 import math
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from segrepro.errors import SegreproError
-from segrepro.pyramid import (
+from segrepro.core.errors import SegreproError
+from segrepro.models.saf.pyramid import (
     Pyramid,
     fuse,
     pyramid_loss,

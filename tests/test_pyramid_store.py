@@ -10,11 +10,11 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from segrepro import pyramid_stats as statistics
-from segrepro import pyramid_store as store
+from segrepro.core.errors import SegreproError
 from segrepro.data.synthetic import generate_dataset
-from segrepro.errors import SegreproError
-from segrepro.pyramid import pyramid_targets
+from segrepro.engine import pyramid_store as store
+from segrepro.models.saf.pyramid import pyramid_targets
+from segrepro.reporting import pyramid_stats as statistics
 
 STRIDES = (32, 16, 8, 4)
 A, B, C, IGN = 0, 1, 2, 255
@@ -215,9 +215,9 @@ def test_stats_hand_computed(tmp_path):
     root = make_dataset(tmp_path / "ds", two_labels(), {"stuff_classes": ["a", "b"], "content_sha256": "f" * 64})
     pyr = store.write_pyramids(root, "val", tmp_path / "pyr")
     out_md = tmp_path / "tables" / "pyramid_stats.md"
-    statistics.write_pyramid_stats(pyr, root, out_md)
+    statistics.write_pyramid_stats(store.pyramid_stats(pyr, root), out_md)
 
-    stats = statistics.pyramid_stats(pyr, root)
+    stats = store.pyramid_stats(pyr, root)
     # Cells [unity, mix, ignore]: label 1 is one unity cell at every level; label 2 has a mix
     # s32 cell, s16 = {b, b, c+b pixel (mix), c+ignore}, and one mix + one ignore cell at s8, s4.
     assert stats["cells"].tolist() == [[1, 1, 0], [6, 1, 1], [30, 1, 1], [126, 1, 1]]
@@ -259,14 +259,14 @@ def test_stats_count_cells_of_the_resized_label_and_sort_without_kinds(tmp_path)
     second[0, 0] = C
     root = make_dataset(tmp_path / "ds", [np.full((24, 32), A, np.uint8), second])
     pyr = store.write_pyramids(root, "val", tmp_path / "pyr")
-    stats = statistics.pyramid_stats(pyr, root)
+    stats = store.pyramid_stats(pyr, root)
     assert stats["cells"].tolist() == [[1, 1, 0], [7, 1, 0], [31, 1, 0], [127, 1, 0]]
     # a: all 1024 pixels at s32; b: s16 cells 3 x 256, s8 3 x 64, s4 3 x 16, 15 in the mixed
     # s4 cell; c: the one pixel, never.
     assert stats["pixels"].tolist() == [[1024, 0, 0, 0, 0], [0, 768, 192, 48, 15], [0, 0, 0, 0, 1]]
 
     out_md = tmp_path / "stats.md"
-    statistics.write_pyramid_stats(pyr, root, out_md)
+    statistics.write_pyramid_stats(store.pyramid_stats(pyr, root), out_md)
     text = out_md.read_text()
     assert "| Class | Pixels | s32 (%)" in text and "Kind" not in text
     names = [line.split(" | ")[0][2:] for line in text.split("## (b)")[1].splitlines()[4:]]
@@ -281,14 +281,14 @@ def test_stats_refuse_pyramids_of_other_data(tmp_path):
     card["content_sha256"] = "b" * 64
     (root / "dataset.yaml").write_text(yaml.safe_dump(card))
     with pytest.raises(SegreproError, match="other data"):
-        statistics.write_pyramid_stats(pyr, root, tmp_path / "stats.md")
+        statistics.write_pyramid_stats(store.pyramid_stats(pyr, root), tmp_path / "stats.md")
     assert not (tmp_path / "stats.md").exists()
 
 
 def test_stats_on_synthetic_mark_stuff_and_things(synthetic_root, tmp_path):
     pyr = store.write_pyramids(synthetic_root, "val", tmp_path / "pyr")
     out_md = tmp_path / "stats.md"
-    statistics.write_pyramid_stats(pyr, synthetic_root, out_md)
+    statistics.write_pyramid_stats(store.pyramid_stats(pyr, synthetic_root), out_md)
     frame = pd.read_csv(out_md.with_suffix(".csv"))
     classes = frame[frame["table"] == "classes"]
     assert {"all stuff", "all thing", "all classes"} <= set(classes["name"])

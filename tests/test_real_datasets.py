@@ -20,10 +20,10 @@ from conftest import REPO
 from loopback import serve
 from miniature import build
 
-from segrepro.config import load_params
+from segrepro.config.params import load_params
+from segrepro.core.errors import SegreproError
 from segrepro.data.dataset import SegmentationDataset, load_card
 from segrepro.data.prepare import prepare_dataset
-from segrepro.errors import SegreproError
 
 PARAMS = load_params(REPO)
 DOWNLOADED = ["ade20k", "cocostuff164k", "cocostuff10k", "pascal_context", "pascal_context60", "camvid"]

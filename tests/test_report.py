@@ -12,22 +12,23 @@ import pytest
 import torch
 from test_workflow import build_from_nothing, project_env, snakemake
 
-from segrepro import claims, paths
-from segrepro.config import deep_merge, load_params
-from segrepro.provenance import config_hash, training_config
-from segrepro.bootstrap import Interval
-from segrepro.tables import (
+from segrepro.config.params import deep_merge, load_params
+from segrepro.core import paths
+from segrepro.core.provenance import config_hash, training_config
+from segrepro.engine.train import CURVE, LOG, train
+from segrepro.reporting import claims
+from segrepro.reporting.bootstrap import Interval
+from segrepro.reporting.markdown import (
     CONTRADICTED,
     NOT_TOLD_APART,
     REPRODUCED,
     VERDICTS,
-    build_table,
     parse_claims,
     verdict_line,
     verdict_of,
     write_table,
 )
-from segrepro.train import CURVE, LOG, train
+from segrepro.reporting.tables import build_table
 
 # ----------------------------------------------------------------------------- verdicts
 

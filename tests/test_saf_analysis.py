@@ -24,16 +24,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segrepro.errors import SegreproError
-from segrepro.inference import evaluate
-from segrepro.pyramid import Pyramid, fuse
-from segrepro.saf_analysis import analyse_levels
-from segrepro.saf_report import (
-    levels_minus_fused,
-    plot_levels_per_class,
-    plot_pyramid_example,
-    write_level_table,
-)
+from segrepro.core.errors import SegreproError
+from segrepro.engine.figures import plot_pyramid_example
+from segrepro.engine.inference import evaluate
+from segrepro.engine.saf_analysis import analyse_levels
+from segrepro.models.saf.pyramid import Pyramid, fuse
+from segrepro.reporting.saf_report import levels_minus_fused, plot_levels_per_class, write_level_table
 
 STRIDES = (16, 8, 4)
 CLASSES = ["sky", "road", "car"]

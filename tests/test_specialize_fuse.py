@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from segrepro import inference
-from segrepro.config import load_params
-from segrepro.models import build_model
-from segrepro.models.specialize_fuse import APNB, attend, pyramid_pool
-from segrepro.pyramid import fuse
-from segrepro.train import train_step
+from segrepro.config.params import load_params
+from segrepro.engine import inference
+from segrepro.engine.train import train_step
+from segrepro.models.factory import build_model
+from segrepro.models.saf.pyramid import fuse
+from segrepro.models.saf.specialize_fuse import APNB, attend, pyramid_pool
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = list("ABCDEFGHIJK")
@@ -144,7 +144,7 @@ def test_the_full_model_learns_a_batch(params):
 
 
 def test_single_output_models_have_no_pyramid(params):
-    from segrepro.errors import SegreproError
+    from segrepro.core.errors import SegreproError
 
     model = tiny_model(params, "A")
     assert not model.is_pyramidal and model.unity is None
@@ -153,7 +153,7 @@ def test_single_output_models_have_no_pyramid(params):
 
 
 def test_strides_must_end_at_the_backbone_stride(params):
-    from segrepro.errors import SegreproError
+    from segrepro.core.errors import SegreproError
 
     with pytest.raises(SegreproError, match="finest stride"):
         tiny_model(params, "I", strides=[32, 16, 8])
@@ -285,7 +285,7 @@ def test_unity_head_as_written_can_express_unity():
     """With the centroid and pixel convolutions equal, a cell's differences along the final
     projection w sum to zero, so its min-pooled logit is at most the bias, with equality exactly
     where the cell is constant along w: the min-pooling is the nonlinearity the head needs."""
-    from segrepro.models.specialize_fuse import UnityHead
+    from segrepro.models.saf.specialize_fuse import UnityHead
 
     torch.manual_seed(0)
     head = UnityHead(3, 4, "paper").eval()

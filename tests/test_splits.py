@@ -15,9 +15,9 @@ from conftest import edit_yaml
 from PIL import Image
 from test_folder_dataset import MEMBRANE, grey_image, mask
 
-from segrepro import paths
-from segrepro.evaluate import classes_without_pixels
-from segrepro.tables import ABSENT_MARK, build_table
+from segrepro.core import paths
+from segrepro.engine.evaluate import classes_without_pixels
+from segrepro.reporting.tables import ABSENT_MARK, build_table
 
 RUN = ("--paper", "pspnet", "--experiment", "fcn", "--scale", "tiny", "--dataset", "cells", "--seed", "0")
 

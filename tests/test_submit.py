@@ -1,4 +1,4 @@
-"""Test-server submissions (segrepro.submit): the zip of each server format, its atomic write, the
+"""Test-server submissions (segrepro.engine.submit): the zip of each server format, its atomic write, the
 unlabelled splits of a dataset card, the table rows that show a submission instead of a number, and
 the new tables' dry-runs.
 
@@ -23,15 +23,11 @@ from conftest import TINY
 from PIL import Image
 from test_workflow import planned_jobs, snakemake
 
-from segrepro import submit
+from segrepro.config.table_specs import TEST_SERVER_FORMATS, check_table_spec
+from segrepro.core.errors import SegreproError
 from segrepro.data.dataset import SegmentationDataset, SplitImages, load_card
-from segrepro.errors import SegreproError
-from segrepro.tables import (
-    TEST_SERVER_FORMATS,
-    build_table,
-    check_table_spec,
-    load_submission,
-)
+from segrepro.engine import submit
+from segrepro.reporting.tables import build_table, load_submission
 
 BRIGHT, DARK = -1, 0  # class indices of the stub's two answers (-1: the last class)
 MS = {"scales": [0.75, 1.0, 1.25], "flip": True}
@@ -302,8 +298,8 @@ def test_a_metrics_file_cannot_stand_for_a_submission():
 
 def tiny_model(project: Path, experiment: str) -> Path:
     """model.pt of a tiny SaF run, as the trainer saves it (random weights: only shapes matter)."""
-    from segrepro.config import load_params
-    from segrepro.models import build_model
+    from segrepro.config.params import load_params
+    from segrepro.models.factory import build_model
 
     config = load_params(project).resolve("saf", experiment, "tiny", TINY, 0)
     path = project / "results/runs/tiny" / TINY / "saf" / experiment / "seed0/model.pt"

@@ -6,9 +6,10 @@ import pytest
 import torch
 import yaml
 
-from segrepro.data import SegmentationDataset, generate_dataset, load_card
+from segrepro.core.errors import SegreproError
+from segrepro.data.dataset import SegmentationDataset, load_card
 from segrepro.data.prepare import content_fingerprint, prepare_dataset
-from segrepro.errors import SegreproError
+from segrepro.data.synthetic import generate_dataset
 
 SOURCE = "src-ds"
 

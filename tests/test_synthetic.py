@@ -8,6 +8,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from segrepro.core.errors import SegreproError
 from segrepro.data import synthetic
 from segrepro.data.synthetic import (
     BOAT,
@@ -21,7 +22,6 @@ from segrepro.data.synthetic import (
     generate_dataset,
     render_scene,
 )
-from segrepro.errors import SegreproError
 
 W, H = 80, 60
 

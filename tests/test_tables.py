@@ -6,18 +6,10 @@ import json
 import pandas as pd
 import pytest
 
-from segrepro.errors import SegreproError
-from segrepro.tables import (
-    NOT_DECISIVE,
-    build_table,
-    declared_paper_note,
-    check_table_spec,
-    load_metrics,
-    parse_ref,
-    row_key,
-    table_row_keys,
-    write_table,
-)
+from segrepro.config.table_specs import check_table_spec, parse_ref, row_key, table_row_keys
+from segrepro.core.errors import SegreproError
+from segrepro.reporting.markdown import NOT_DECISIVE, write_table
+from segrepro.reporting.tables import build_table, declared_paper_note, load_metrics
 
 SPEC = {
     "title": "Table X. A small test table",

@@ -20,8 +20,8 @@ import pytest
 from conftest import segrepro_command
 from test_workflow import snakemake
 
-from segrepro import tracking
-from segrepro.errors import SegreproError
+from segrepro.core.errors import SegreproError
+from segrepro.pipeline import tracking
 
 JOBS = 16
 STEPS = 50
@@ -34,7 +34,7 @@ WORKER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import mlflow  # noqa: F401  (imported before the start, as a job has long before it logs)
-    from segrepro import tracking
+    from segrepro.pipeline import tracking
 
     index, ready, go = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     config = {"paper": "%s", "experiment": f"job{index}", "seed": index,

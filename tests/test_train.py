@@ -1,4 +1,4 @@
-"""The trainer (segrepro.train): it learns, it resumes a killed job to exactly the model of an
+"""The trainer (segrepro.engine.train): it learns, it resumes a killed job to exactly the model of an
 unbroken run, it marks crashed runs FAILED in MLflow, and its learning-rate schedule."""
 
 import itertools
@@ -15,11 +15,13 @@ import torch
 from conftest import segrepro_command
 from PIL import Image
 
-from segrepro import cli, paths, tracking
-from segrepro.config import deep_merge, load_params
-from segrepro.data import IterationBatchSampler, load_card
-from segrepro.evaluate import evaluate_run
-from segrepro.train import CHECKPOINT, COMPLETE, LOG, poly_lr, train
+from segrepro import cli
+from segrepro.config.params import deep_merge, load_params
+from segrepro.core import paths
+from segrepro.data.dataset import IterationBatchSampler, load_card
+from segrepro.engine.evaluate import evaluate_run
+from segrepro.engine.train import CHECKPOINT, COMPLETE, LOG, poly_lr, train
+from segrepro.pipeline import tracking
 
 RUN = ("--paper", "pspnet", "--experiment", "psp50", "--scale", "tiny", "--threads", "1")
 

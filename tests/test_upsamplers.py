@@ -1,11 +1,11 @@
-"""HFGD upsamplers (segrepro.models.upsamplers): shapes and strides, odd sizes, gradients, FaPN's DCNv2."""
+"""HFGD upsamplers (segrepro.models.hfgd.upsamplers): shapes and strides, odd sizes, gradients, FaPN's DCNv2."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from segrepro.errors import SegreproError
-from segrepro.models.upsamplers import ModulatedDeformConv, build_upsampler, top_down
+from segrepro.core.errors import SegreproError
+from segrepro.models.hfgd.upsamplers import ModulatedDeformConv, build_upsampler, top_down
 
 CHANNELS = 8
 RESNET_SKIPS = {4: 6, 8: 10, 16: 12}  # a ResNet-like pyramid, shrunk

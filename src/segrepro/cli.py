@@ -27,15 +27,16 @@ params/config.yaml. Errors print one line and exit 1.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 import yaml
 
-from segrepro import paths
-from segrepro.config import Params, load_params, natural_sorted
-from segrepro.errors import SegreproError
+from segrepro.config.params import Params, load_params, natural_sorted
+from segrepro.core import paths
+from segrepro.core.errors import SegreproError
 
 
 def _run_arguments(parser: argparse.ArgumentParser, seed: bool = True) -> None:
@@ -54,10 +55,10 @@ def _device_arguments(parser: argparse.ArgumentParser,
 
 
 def _claim_devices(params: Params, args) -> None:
-    """A CUDA run locks its own GPU(s) before torch initialises CUDA (see segrepro.devices): one,
+    """A CUDA run locks its own GPU(s) before torch initialises CUDA (see segrepro.core.devices): one,
     or one per process of a multi-process training."""
     if hasattr(args, "device"):
-        from segrepro.devices import claim_for_run
+        from segrepro.core.devices import claim_for_run
 
         args.device = claim_for_run(args.device, _processes(params, args))
 
@@ -70,9 +71,9 @@ def _processes(params: Params, args) -> int:
 
 
 def _relaunch_under_torchrun(processes: int, argv: list[str]) -> None:
-    """Become `torchrun --standalone --nproc_per_node N -m segrepro.cli ARGV` (DDP, segrepro.distributed),
+    """Become `torchrun --standalone --nproc_per_node N -m segrepro.cli ARGV` (DDP, segrepro.engine.distributed),
     keeping the GPUs claimed for the run; the workflow's rule stays `segrepro train`."""
-    from segrepro.devices import pass_on
+    from segrepro.core.devices import pass_on
 
     pass_on()
     sys.stdout.flush()
@@ -233,7 +234,7 @@ def cmd_download(params: Params, args) -> None:
 
 
 def cmd_train(params: Params, args) -> None:
-    from segrepro.train import train
+    from segrepro.engine.train import train
 
     config = _resolve(params, args)
     processes = _processes(params, args)
@@ -246,7 +247,7 @@ def cmd_train(params: Params, args) -> None:
 
 
 def cmd_evaluate(params: Params, args) -> None:
-    from segrepro.evaluate import evaluate_run
+    from segrepro.engine.evaluate import evaluate_run
 
     config = _resolve(params, args)
     _set_threads(args.threads)
@@ -259,7 +260,7 @@ def cmd_evaluate(params: Params, args) -> None:
 
 def cmd_submit(params: Params, args) -> None:
     from segrepro.data.dataset import load_card
-    from segrepro.submit import default_split, server, write_submission
+    from segrepro.engine.submit import default_split, server, write_submission
 
     server(args.server)
     config = _resolve(params, args)
@@ -274,7 +275,7 @@ def cmd_submit(params: Params, args) -> None:
 
 
 def cmd_table(params: Params, args) -> None:
-    from segrepro.tables import write_paper_table
+    from segrepro.reporting.tables import write_paper_table
 
     scale = args.scale or params.workflow["scale"]
     seeds = args.seeds or params.seeds(scale)
@@ -285,7 +286,7 @@ def cmd_table(params: Params, args) -> None:
 
 
 def cmd_pyramids(params: Params, args) -> None:
-    from segrepro.pyramid_store import write_pyramids
+    from segrepro.engine.pyramid_store import write_pyramids
 
     params.dataset(args.dataset)
     scale = args.scale or params.workflow["scale"]
@@ -296,15 +297,17 @@ def cmd_pyramids(params: Params, args) -> None:
 
 
 def cmd_pyramid_stats(params: Params, args) -> None:
-    from segrepro.pyramid_stats import write_pyramid_stats
+    from segrepro.engine.pyramid_store import pyramid_stats
+    from segrepro.reporting.pyramid_stats import write_pyramid_stats
 
     params.dataset(args.dataset)
-    write_pyramid_stats(paths.pyramid_dir(args.dataset, args.split), paths.dataset_root(args.dataset), args.out)
+    write_pyramid_stats(pyramid_stats(paths.pyramid_dir(args.dataset, args.split), paths.dataset_root(args.dataset)),
+                        args.out)
     print(f"wrote {args.out}")
 
 
 def cmd_figure(params: Params, args) -> None:
-    from segrepro.figures import draw_figure
+    from segrepro.engine.figures import draw_figure
 
     paper, spec = params.figure(args.name)
     scale = args.scale or params.workflow["scale"]
@@ -316,7 +319,7 @@ def cmd_figure(params: Params, args) -> None:
 
 
 def cmd_flops(params: Params, args) -> None:
-    from segrepro.flops import write_flops
+    from segrepro.measure.flops import write_flops
 
     out = args.out or paths.flops_path(args.name)
     record = write_flops(params, args.name, out)
@@ -327,39 +330,78 @@ def cmd_flops(params: Params, args) -> None:
 
 
 def cmd_efficiency(params: Params, args) -> None:
-    from segrepro.efficiency import cmd_efficiency as run
+    """`segrepro efficiency NAME [--scale] [--device] [--threads] [--out]`."""
+    from segrepro.core import atomic
+    from segrepro.measure.efficiency import measure_table
 
     _set_threads(args.threads)
-    run(params, args)
+    scale = args.scale or params.workflow["scale"]
+    out = args.out or paths.efficiency_path(args.name)
+    record = measure_table(params, args.name, scale, args.device, args.threads)
+    atomic.write_text(out, json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 def cmd_report(params: Params, args) -> None:
-    from segrepro.report import write_report
+    from segrepro.reporting.report import write_report
 
     write_report(params, args.out, scale=args.scale, dataset=args.dataset, seeds=args.seeds)
     print(f"wrote {args.out}")
 
 
 def cmd_claims(params: Params, args) -> None:
-    from segrepro.claims import cmd_claims as run
+    from segrepro.core.atomic import write_text
+    from segrepro.reporting.claims import collect, to_markdown
 
-    run(params, args)
+    records = collect(params, args.scale)
+    text = to_markdown(records)
+    if args.out:
+        write_text(Path(args.out), text)
+    print(text, end="")
 
 
 def cmd_plan(params: Params, args) -> None:
-    from segrepro.plan import JOB_THREADS
-    from segrepro.plan import cmd_plan as run
+    from segrepro.core import atomic
+    from segrepro.measure.calibration import pick_device
+    from segrepro.pipeline.plan import JOB_THREADS, format_plan, make_plan
 
     _set_threads(args.threads or JOB_THREADS)  # timed as the jobs run
-    run(params, args)
+    scale = args.scale or params.workflow["scale"]
+    seeds = args.seeds or params.seeds(scale)
+    dataset = args.dataset or params.workflow["dataset"]
+    plan = make_plan(params, list(args.targets), scale, dataset, seeds, pick_device(args.device),
+                     args.gpus, recalibrate=args.recalibrate, steps=args.steps, batch=args.batch)
+    print(format_plan(plan))
+    if args.json:
+        atomic.write_text(args.json, json.dumps(plan, indent=1) + "\n")
+        print(f"wrote {args.json}")
 
 
 def cmd_calibrate(params: Params, args) -> None:
-    from segrepro.plan import JOB_THREADS
-    from segrepro.plan import cmd_calibrate as run
+    from segrepro.measure.calibration import (
+        calibrate_run,
+        calibration_path,
+        device_name,
+        pick_device,
+        signature,
+        store_calibrations,
+    )
+    from segrepro.pipeline.plan import JOB_THREADS, num_classes
 
     _set_threads(args.threads or JOB_THREADS)
-    run(params, args)
+    scale = args.scale or params.workflow["scale"]
+    config = params.resolve(args.paper, args.experiment, scale, args.dataset or params.workflow["dataset"])
+    classes = num_classes(params, config["dataset"]["name"])
+    device = pick_device(args.device)
+    label = device_name(device)
+    entry = calibrate_run(config, classes, device, args.steps, args.batch)
+    path = calibration_path(label)
+    store_calibrations(path, label, {signature(config, classes, label): entry})
+    scaled = f" ({entry['scaled']})" if entry["scaled"] else ""
+    print(f"{entry['run']} at scale {scale} on {label}: {entry['step_seconds']:.4g} s per training step "
+          f"of batch {entry['batch']}{scaled}, {entry['window_seconds']:.4g} s per "
+          f"{entry['eval_crop'][0]}x{entry['eval_crop'][1]} inference window, peak memory "
+          f"{entry['peak_memory_mb']:.0f} MB -> {path}")
 
 
 def cmd_config(params: Params, args) -> None:
@@ -374,13 +416,13 @@ def cmd_list(params: Params, args) -> None:
 
 
 def cmd_tracking_init(params: Params, args) -> None:
-    from segrepro import tracking
+    from segrepro.pipeline import tracking
 
     tracking.init_store(list(params.papers))
 
 
 def cmd_mlflow_server(params: Params, args) -> None:
-    from segrepro import tracking
+    from segrepro.pipeline import tracking
 
     options = (["--workers", str(args.workers)] if args.workers else []) + (
         ["--allowed-hosts", args.allowed_hosts] if args.allowed_hosts else [])
@@ -409,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"segrepro: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
-        # A training stopped by SIGTERM/SIGUSR1 (segrepro.train.Preempted) has its own exit code.
+        # A training stopped by SIGTERM/SIGUSR1 (segrepro.engine.train.Preempted) has its own exit code.
         print(f"segrepro: {err or 'interrupted'}", file=sys.stderr)
         return getattr(err, "exit_code", 130)
     return 0

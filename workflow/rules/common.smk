@@ -3,13 +3,15 @@ import re
 import shlex
 import sys
 
-from segrepro import controller, paths, tracking
-from segrepro.codedeps import stage_sources
-from segrepro.config import load_params
-from segrepro.efficiency import efficiency_path
-from segrepro.efficiency import model_scale as efficiency_model_scale
-from segrepro.errors import SegreproError
-from segrepro.provenance import config_hash, training_config
+from segrepro.pipeline import controller, tracking
+
+from segrepro.core import paths
+from segrepro.pipeline.codedeps import stage_sources
+from segrepro.config.params import load_params
+from segrepro.config.efficiency_spec import model_scale as efficiency_model_scale
+from segrepro.core.paths import efficiency_path
+from segrepro.core.errors import SegreproError
+from segrepro.core.provenance import config_hash, training_config
 
 try:
     PARAMS = load_params(workflow=config)
@@ -71,6 +73,24 @@ def family_code(stage, paper_of=lambda wildcards: wildcards.paper):
 
     def sources(wildcards):
         return stage_sources(stage, PARAMS.paper(paper_of(wildcards))["model"]["family"])
+
+    return sources
+
+
+def synthetic_data(dataset):
+    """Whether a dataset comes from the synthetic generator (itself, or a subset of such a dataset)."""
+    declaration = PARAMS.dataset(dataset)
+    if declaration["kind"] == "subset":
+        return synthetic_data(declaration["source"])
+    return declaration["kind"] == "synthetic"
+
+
+def dataset_code(stage, dataset_of=lambda wildcards: wildcards.dataset):
+    """The source files a stage runs for the job's dataset (by default the `dataset` wildcard): the
+    synthetic generator only for synthetic data, the converters only for real data."""
+
+    def sources(wildcards):
+        return stage_sources(stage, data="synthetic" if synthetic_data(dataset_of(wildcards)) else "real")
 
     return sources
 

@@ -19,7 +19,7 @@ rule prepare_dataset:
     a failed rerun leaves the previous dataset, card included (Snakemake restores its backup)."""
     input:
         unpack(dataset_source),
-        code=stage_sources("prepare"),
+        code=dataset_code("prepare"),
     output:
         update("data/{dataset}/dataset.yaml"),
     params:

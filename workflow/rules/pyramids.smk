@@ -2,7 +2,7 @@ rule pyramids:
     """Pyramidal ground truth of an evaluation split (SaF Sec. 3.1, App. B): one .npz per image."""
     input:
         dataset=dataset_card,
-        code=stage_sources("pyramids"),
+        code=dataset_code("pyramids"),
     output:
         directory("results/pyramids/{dataset}/{split}"),
     params:
@@ -22,7 +22,7 @@ rule pyramid_stats:
     input:
         pyramids=paths.pyramid_dir(PYRAMID_STATS_DATASET, "val"),
         dataset=paths.dataset_root(PYRAMID_STATS_DATASET) / "dataset.yaml",
-        code=stage_sources("pyramid_stats"),
+        code=dataset_code("pyramid_stats", dataset_of=lambda wildcards: PYRAMID_STATS_DATASET),
     output:
         "results/tables/pyramid_stats.md",
     params:

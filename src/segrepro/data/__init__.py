@@ -1,27 +1,6 @@
-"""Datasets in one on-disk layout: the synthetic generator and the reader used for all of them."""
+"""Datasets in one on-disk layout: `dataset` reads all of them; `synthetic` generates one,
+`download`, `extract`, `convert`, `folder` and `prepare` make the others.
 
-from segrepro.data.dataset import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    IterationBatchSampler,
-    SegmentationDataset,
-    TrainAugment,
-    load_card,
-    make_train_loader,
-    normalize,
-)
-from segrepro.data.synthetic import CLASS_NAMES, generate_dataset, render_scene
-
-__all__ = [
-    "CLASS_NAMES",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "IterationBatchSampler",
-    "SegmentationDataset",
-    "TrainAugment",
-    "generate_dataset",
-    "load_card",
-    "make_train_loader",
-    "normalize",
-    "render_scene",
-]
+Nothing is re-exported here: a module that imports `segrepro.data.dataset` must not depend on
+the synthetic generator (segrepro.pipeline.codedeps follows imports to decide what a code change
+reruns)."""

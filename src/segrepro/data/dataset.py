@@ -22,7 +22,7 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from segrepro.errors import SegreproError, one_line
+from segrepro.core.errors import SegreproError, one_line
 
 # ImageNet statistics on the 0-255 scale, as used by the papers' pretrained backbones.
 IMAGENET_MEAN = np.array([123.675, 116.28, 103.53], np.float32)

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import yaml
 
-from segrepro import atomic
-from segrepro.errors import SegreproError
+from segrepro.core import atomic
+from segrepro.core.errors import SegreproError
 
 ALGORITHMS = ("sha256", "sha1", "md5")
 LOCK_HEADER = (

@@ -27,8 +27,8 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from segrepro import atomic
-from segrepro.errors import SegreproError, one_line
+from segrepro.core import atomic
+from segrepro.core.errors import SegreproError, one_line
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _MAX_LINK_DEPTH = 40  # as Linux's MAXSYMLINKS

@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segrepro.data.convert import IGNORE_INDEX, _files, _Item, _Plan, _read_list, _table
-from segrepro.errors import SegreproError, one_line
+from segrepro.core.errors import SegreproError, one_line
+from segrepro.data.items import IGNORE_INDEX, Item, Plan, label_table, list_files, read_list
 
 SPLIT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 REQUIRED_SPLITS = ("train", "val")  # training reads train, evaluation and the training curve val
@@ -124,7 +124,7 @@ class LabelMapping:
             self.describe += "; ignored: " + ", ".join(_color_name(c) if self.rgb else str(c) for c in ignored)
         self.known = ", ".join(_color_name(c) if self.rgb else str(c) for c in sorted(self.mapping))
         if not self.rgb:
-            self.table = _table(self.mapping, max(self.mapping) + 1)
+            self.table = label_table(self.mapping, max(self.mapping) + 1)
 
     def convert(self, path: Path) -> np.ndarray:
         """Read the label file and map it; an unmapped stored value is an error naming both."""
@@ -210,8 +210,8 @@ def _pairs(where: str, root: Path, image_dir: str, image_suffix: str, label_dir:
     for folder, key in ((images_at, "images.dir"), (labels_at, "labels.dir")):
         if not folder.is_dir():
             raise SegreproError(f"{folder}: folder not found ({where}: {key})")
-    images = _files(images_at, image_suffix)
-    labels = _files(labels_at, label_suffix)
+    images = list_files(images_at, image_suffix)
+    labels = list_files(labels_at, label_suffix)
     if not images:
         raise SegreproError(f"{images_at}: no '*{image_suffix}' image ({where}: images)")
     for stem in sorted(images.keys() - labels.keys()):
@@ -276,7 +276,7 @@ def _splits(where: str, root: Path, spec) -> tuple[str, dict]:
     return form, settings
 
 
-def plan_folder(where: str, declaration: dict, parts: dict[str, Path]) -> _Plan:
+def plan_folder(where: str, declaration: dict, parts: dict[str, Path]) -> Plan:
     """The conversion plan of a folder dataset whose root is parts['main']."""
     root = parts["main"]
     classes = declaration.get("classes")
@@ -308,7 +308,7 @@ def plan_folder(where: str, declaration: dict, parts: dict[str, Path]) -> _Plan:
         else:
             drawn, seen = {}, {}
             for split, listing in settings.items():
-                drawn[split] = _read_list(listing)
+                drawn[split] = read_list(listing)
                 if not drawn[split]:
                     raise SegreproError(f"{listing}: split list names no image")
                 for stem in drawn[split]:
@@ -324,11 +324,11 @@ def plan_folder(where: str, declaration: dict, parts: dict[str, Path]) -> _Plan:
     for split, entries in chosen.items():
         for image_id, image, label in entries:
             _check_image_mode(image)
-            items.append(_Item(split, image_id, image, lambda label=label: mapping.convert(label), str(label)))
+            items.append(Item(split, image_id, image, lambda label=label: mapping.convert(label), str(label)))
     max_share = declaration.get("max_ignore_share", DEFAULT_MAX_IGNORE_SHARE)
     source = {"root": str(root), "splits": _describe_splits(form, settings),
               "max_ignore_share": max_share}
-    return _Plan(tuple(classes), image_suffix, _table({**{k: k for k in range(len(classes))}, IGNORE_INDEX: IGNORE_INDEX}),
+    return Plan(tuple(classes), image_suffix, label_table({**{k: k for k in range(len(classes))}, IGNORE_INDEX: IGNORE_INDEX}),
                  f"class indices 0..{len(classes) - 1} or {IGNORE_INDEX}", mapping.describe, list(chosen), items,
                  source=source, check=lambda pixels: check_label_shares(where, classes, pixels, max_share))
 

@@ -29,7 +29,7 @@ Kinds prepared here:
   `root` (or `source`, which takes precedence), never changed; the images are copied.
 
 A dataset folder is only ever replaced whole, once its successor is complete: every kind builds
-into a hidden sibling folder and renames it into place (segrepro.atomic.build_directory), so a
+into a hidden sibling folder and renames it into place (segrepro.core.atomic.build_directory), so a
 failed or killed preparation leaves the previous dataset, card included, as it was.
 """
 
@@ -45,9 +45,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from segrepro import atomic
+from segrepro.core import atomic
+from segrepro.core.errors import SegreproError
 from segrepro.data.dataset import CARD_NAME, SegmentationDataset, image_root, load_card
-from segrepro.errors import SegreproError
+from segrepro.data.layout import check_replaceable
 
 SUBSET_METHOD = ("numpy.random.default_rng(seed).permutation of the sorted source ids; new splits "
                  "take consecutive slices in sorted split-name order; each list written sorted")
@@ -119,10 +120,9 @@ def prepare_real(name: str, declaration: dict, root: Path, archives: dict, raw_d
     from segrepro.data.convert import convert
     from segrepro.data.download import fetch
     from segrepro.data.extract import safe_extract
-    from segrepro.data.synthetic import _check_replaceable
 
     parts_spec = declaration["parts"]
-    _check_replaceable(root)
+    check_replaceable(root)
     if source is not None:
         if len(parts_spec) != 1:
             raise SegreproError(f"dataset '{name}': a local source folder can stand only for a one-part dataset")
@@ -162,8 +162,6 @@ def prepare_folder(name: str, declaration: dict, root: Path, source: Path | None
     """Convert the folder dataset `name` (segrepro.data.folder) from `source` or its declared
     `root` into `root` (the dataset folder under data/)."""
     from segrepro.data.convert import convert
-    from segrepro.data.synthetic import _check_replaceable
-
     where = f"dataset '{name}' (kind 'folder')"
     folder = source if source is not None else declaration.get("root")
     if folder is None:
@@ -176,7 +174,7 @@ def prepare_folder(name: str, declaration: dict, root: Path, source: Path | None
     if folder.resolve() == out or out in folder.resolve().parents:
         raise SegreproError(f"{where}: root {folder} lies inside the prepared dataset's folder {root}, "
                             "which a preparation replaces: keep the originals elsewhere")
-    _check_replaceable(root)
+    check_replaceable(root)
     with atomic.build_directory(root) as tmp:
         _write_card(tmp, convert("folder", name, declaration, {"main": folder}, tmp, copy_images=True))
     return root
@@ -226,8 +224,6 @@ def draw_subset(ids: list[str], sizes: dict[str, int], seed: int) -> dict[str, l
 
 def prepare_subset(name: str, declaration: dict, root: Path) -> Path:
     """Write the subset dataset `name` at `root` (split lists and card only; see module docstring)."""
-    from segrepro.data.synthetic import _check_replaceable
-
     root = Path(root)
     source, from_split, sizes, seed = _subset_args(name, declaration)
     where = f"dataset '{name}' (kind 'subset')"
@@ -259,7 +255,7 @@ def prepare_subset(name: str, declaration: dict, root: Path) -> Path:
     splits = draw_subset(ids, sizes, seed)
 
     data_root = Path(os.path.relpath(image_root(source_root, source_card), root)).as_posix()
-    _check_replaceable(root)
+    check_replaceable(root)
     with atomic.build_directory(root) as tmp:
         (tmp / "splits").mkdir()
         for split, split_ids in splits.items():

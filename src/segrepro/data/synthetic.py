@@ -20,15 +20,15 @@ Each image is a pure function of (seed, split, index), so regenerating gives ide
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import yaml
 from PIL import Image
 
-from segrepro import atomic
-from segrepro.errors import SegreproError
+from segrepro.core import atomic
+from segrepro.core.errors import SegreproError
+from segrepro.data.layout import check_replaceable
 
 CLASS_NAMES = (
     "sky", "building", "road", "sidewalk", "water", "grass", "tree",
@@ -437,8 +437,6 @@ def render_scene(seed: int, split: str, index: int, width: int, height: int):
 
 # ----------------------------------------------------------------------------- on disk
 
-_LAYOUT_ENTRIES = {"dataset.yaml", "images", "labels", "splits"}
-
 
 def _check_args(root: Path, name, seed, width, height, train, val) -> None:
     def need_int(label, value, minimum):
@@ -454,18 +452,6 @@ def _check_args(root: Path, name, seed, width, height, train, val) -> None:
     need_int("val", val, 1)
 
 
-def _check_replaceable(root: Path) -> None:
-    """Only a dataset folder (complete or not) may be replaced; anything else is left alone."""
-    if not root.exists():
-        return
-    if not root.is_dir():
-        raise SegreproError(f"{root}: exists and is not a directory; refusing to replace it")
-    foreign = sorted(set(os.listdir(root)) - _LAYOUT_ENTRIES)
-    if foreign:
-        raise SegreproError(
-            f"{root}: not a dataset folder (contains {foreign[0]!r}); refusing to replace it")
-
-
 def generate_dataset(root, name: str, seed: int, width: int, height: int,
                      train: int, val: int) -> Path:
     """Write a synthetic dataset in the uniform layout at `root` and return `root`.
@@ -475,7 +461,7 @@ def generate_dataset(root, name: str, seed: int, width: int, height: int,
     """
     root = Path(root)
     _check_args(root, name, seed, width, height, train, val)
-    _check_replaceable(root)
+    check_replaceable(root)
     with atomic.build_directory(root) as tmp:
         for sub in ("images", "labels", "splits"):
             (tmp / sub).mkdir(parents=True)

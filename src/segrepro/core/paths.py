@@ -1,0 +1,59 @@
+"""Where every stage reads and writes, relative to the project root. One place, so the workflow,
+the CLI and the table writer agree on file names."""
+
+from pathlib import Path
+
+DATA = Path("data")
+RAW = DATA / "raw"  # downloaded archives, kept out of data.dvc (see .dvcignore)
+ARCHIVE_LOCK = Path("params") / "archives.lock.yaml"
+RESULTS = Path("results")
+TRAIN_LOG = "train_log.jsonl"  # in a run's folder: JSON lines of loss/lr and of the curve's val mIoU
+PROGRESS = "progress.jsonl"  # in a run's folder: its trainer's progress lines (segrepro.pipeline.controller prints them)
+
+
+def dataset_root(dataset: str) -> Path:
+    return DATA / dataset
+
+
+def run_dir(scale: str, dataset: str, paper: str, experiment: str, seed: int) -> Path:
+    """A training run's folder: the final model, its resumable checkpoint, its log and MLflow run id."""
+    return RESULTS / "runs" / scale / dataset / paper / experiment / f"seed{seed}"
+
+
+def model_path(scale, dataset, paper, experiment, seed) -> Path:
+    return run_dir(scale, dataset, paper, experiment, seed) / "model.pt"
+
+
+def metrics_path(scale, dataset, paper, experiment, seed, protocol, split: str = "val") -> Path:
+    """A run's scores with one test protocol on one split: PROTOCOL.json for the val split,
+    PROTOCOL.SPLIT.json for any other (a test number never sits where a val number would)."""
+    name = f"{protocol}.json" if split == "val" else f"{protocol}.{split}.json"
+    return RESULTS / "metrics" / scale / dataset / paper / experiment / f"seed{seed}" / name
+
+
+def submission_path(scale, dataset, paper, experiment, seed, protocol) -> Path:
+    """A test-server submission: one PNG per test image, zipped (segrepro.engine.submit)."""
+    return RESULTS / "submissions" / scale / dataset / paper / experiment / f"seed{seed}_{protocol}.zip"
+
+
+def table_path(table: str) -> Path:
+    return RESULTS / "tables" / f"{table}.md"
+
+
+def pyramid_dir(dataset: str, split: str) -> Path:
+    """The precomputed pyramidal ground truth of a split: one {image_id}.npz per image."""
+    return RESULTS / "pyramids" / dataset / split
+
+
+def figure_path(figure: str) -> Path:
+    return RESULTS / "figures" / f"{figure}.png"
+
+
+def flops_path(table: str) -> Path:
+    """The computation counts of a table's models (HFGD Table 9)."""
+    return RESULTS / "flops" / f"{table}.json"
+
+
+def efficiency_path(table: str) -> Path:
+    """The measurements of an efficiency table's rows (segrepro.measure.efficiency)."""
+    return RESULTS / "efficiency" / f"{table}.json"

@@ -1,0 +1,237 @@
+"""Test-server submissions: a trained model, a test protocol (scales, flip) and a split whose labels
+are not public -> one zip holding one PNG per image, in the benchmark's own format.
+
+Two numbers the papers report exist only on a server: SaF Table 2 (ADE20K test, the MIT Scene
+Parsing Benchmark's score) and HFGD Table 14 (Cityscapes test, pixel-level semantic labelling). The
+pipeline writes what to upload; the score comes back from the server, never from here.
+
+The zip holds the PNGs and nothing else (neither server's rules mention other files, the Cityscapes
+evaluator walks the whole upload for PNGs); a README.txt beside it says what it is and where it
+goes, and the zip's archive comment (not a file) holds the same provenance as JSON for the table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import sys
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from segrepro.core import atomic
+from segrepro.core.errors import SegreproError
+from segrepro.core.provenance import git_commit
+from segrepro.data.dataset import SplitImages
+from segrepro.engine import inference
+from segrepro.engine.train import load_model, pick_device
+from segrepro.pipeline import tracking
+
+MANIFEST_KEY = "segrepro_submission"  # marks our JSON in a zip comment (= segrepro.reporting.tables.SUBMISSION_KEY)
+# Cityscapes file names: {city}_{seq:0>6}_{frame:0>6}_... (cityscapesScripts README, "Dataset Structure").
+CITYSCAPES_FRAME = re.compile(r"^([a-z]+)_(\d{6})_(\d{6})(?:_|$)")
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member times: the same predictions give the same bytes
+
+
+@dataclass(frozen=True)
+class Server:
+    """One benchmark's submission format."""
+
+    benchmark: str
+    url: str
+    values: str                                  # what a pixel value means, for the README
+    encode: Callable[[np.ndarray, int], np.ndarray]    # (class indices HxW uint8, num_classes) -> PNG values
+    file_name: Callable[[str, bool], str]        # (image id, stand-in) -> the PNG's name in the zip
+
+
+def _ade20k_encode(pred: np.ndarray, num_classes: int) -> np.ndarray:
+    # CSAILVision/sceneparsing README: masks hold 0..150, 0 = "other objects" (not evaluated); a
+    # prediction has the annotation's format, so class k (0-based, reduce_zero_label) is k + 1
+    # (as mmseg's ADE20KDataset.results2img writes it for the server).
+    if num_classes > 254:
+        raise SegreproError(f"the ADE20K format stores class + 1 in 8 bits: {num_classes} classes do not fit")
+    return (pred + 1).astype(np.uint8)
+
+
+def _ade20k_name(image_id: str, stand_in: bool) -> str:
+    # The README: the mask of ADE_test_00000001.jpg is ADE_test_00000001.png.
+    return f"{image_id}.png"
+
+
+def cityscapes_train_to_label() -> np.ndarray:
+    """Lookup table trainId -> labelId (uint8, 19 entries), the inverse of the converter's
+    CITYSCAPES_LABEL_TO_TRAIN (cityscapesScripts helpers/labels.py)."""
+    from segrepro.data.convert import CITYSCAPES_LABEL_TO_TRAIN
+
+    pairs = {int(label): int(train) for label, train in CITYSCAPES_LABEL_TO_TRAIN.items() if int(train) != 255}
+    trains = sorted(pairs.values())
+    if trains != list(range(len(trains))):
+        raise SegreproError(f"segrepro.data.convert.CITYSCAPES_LABEL_TO_TRAIN: train ids {trains} are not 0..N-1, once each")
+    table = np.zeros(len(trains), np.uint8)
+    for label, train in pairs.items():
+        table[train] = label
+    return table
+
+
+def _cityscapes_encode(pred: np.ndarray, num_classes: int) -> np.ndarray:
+    # evalPixelLevelSemanticLabeling.py: "pixels encode the class IDs as defined in labels.py ... the
+    # regular ID is used, not the train ID".
+    table = cityscapes_train_to_label()
+    if num_classes > len(table):
+        raise SegreproError(f"the Cityscapes format maps {len(table)} train ids to label ids; the model has {num_classes} classes")
+    return table[pred]
+
+
+def _cityscapes_name(image_id: str, stand_in: bool) -> str:
+    # evalPixelLevelSemanticLabeling.getPrediction: the prediction of <city>_<seq>_<frame> is the one
+    # file anywhere in the upload matching "<city>_<seq>_<frame>*.png".
+    match = CITYSCAPES_FRAME.match(image_id)
+    if match:
+        return f"{match.group(1)}_{match.group(2)}_{match.group(3)}.png"
+    if stand_in:
+        return f"{image_id}.png"  # a stand-in split (synthetic val) has no Cityscapes names
+    raise SegreproError(f"image id {image_id!r} does not start with <city>_<seq>_<frame> (e.g. berlin_000000_000019)")
+
+
+SERVERS = {
+    "ade20k_sceneparsing": Server(
+        benchmark="MIT Scene Parsing Benchmark (ADE20K test)",
+        url="http://sceneparsing.csail.mit.edu/",
+        values="class index + 1 (ADE20K's 150 classes: 1..150); 0 ('other objects') is never predicted",
+        encode=_ade20k_encode,
+        file_name=_ade20k_name,
+    ),
+    "cityscapes": Server(
+        benchmark="Cityscapes pixel-level semantic labeling (test)",
+        url="https://www.cityscapes-dataset.com/submit/",
+        values="Cityscapes labelIds (labels.py 'id', not the trainId the model predicts)",
+        encode=_cityscapes_encode,
+        file_name=_cityscapes_name,
+    ),
+}
+
+
+def server(name: str) -> Server:
+    if name not in SERVERS:
+        raise SegreproError(f"unknown test-server format '{name}' (known: {', '.join(SERVERS)})")
+    return SERVERS[name]
+
+
+def default_split(card: dict) -> str:
+    """The split to submit: the dataset's unlabelled `test` (or its only unlabelled split); a
+    dataset without one (the synthetic ones) lets its val images stand in."""
+    unlabelled = card.get("unlabelled_splits", [])
+    if "test" in unlabelled:
+        return "test"
+    return unlabelled[0] if len(unlabelled) == 1 else "val"
+
+
+def readme_path(output_zip: Path) -> Path:
+    return Path(output_zip).with_suffix(".README.txt")
+
+
+def _png(values: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(values, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _predictions(model, images: SplitImages, protocol: dict, settings: dict, device: torch.device,
+                 num_classes: int):
+    """(id, class indices uint8 HxW at the image's own size) per image, with the evaluator's
+    predictor (segrepro.engine.inference: sliding window, scales, flip) and its bf16 autocast on CUDA."""
+    scales = [float(s) for s in protocol["scales"]]
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    with torch.inference_mode(), amp:
+        for index in tqdm(range(len(images)), desc="submit", file=sys.stderr):
+            image, image_id = images[index]
+            x = image.to(device, torch.float32).unsqueeze(0)
+            probs = inference.predict_probs(model.predict, x, num_classes, scales, bool(protocol.get("flip", False)),
+                                            settings["crop_size"], settings.get("base_size"),
+                                            protocol.get("pad", "none"))
+            yield image_id, probs.argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def write_submission(config: dict, model_path: Path, split: str, output_zip: Path, server_name: str,
+                     protocol: str = "ms", device: str | None = None) -> dict:
+    """Predict every image of the dataset's `split` with the run's test `protocol` and write the
+    zip for the server `server_name` (a key of SERVERS) to `output_zip`, atomically: a failure
+    leaves no zip. Writes README.txt beside it, tags the model's MLflow run with the zip's path, and
+    returns the manifest (also the zip's archive comment)."""
+    fmt = server(server_name)
+    settings = config["eval"]
+    if protocol not in settings["protocols"]:
+        raise SegreproError(
+            f"unknown test protocol '{protocol}' (scale '{config['scale']}' defines: {', '.join(settings['protocols'])})")
+    images = SplitImages(config["dataset"]["root"], split)
+    stand_in = images.labelled
+    names = {}
+    for image_id in images.ids:
+        name = fmt.file_name(image_id, stand_in)
+        if name in names:
+            raise SegreproError(f"{images.split_file}: images {names[name]!r} and {image_id!r} would both be {name}")
+        names[name] = image_id
+
+    dev = pick_device(device)
+    model, record = load_model(model_path, device=str(dev))
+    num_classes = int(record["num_classes"])
+    if num_classes != int(images.card["num_classes"]):
+        raise SegreproError(f"{model_path}: trained for {num_classes} classes, dataset "
+                            f"{config['dataset']['name']} has {images.card['num_classes']}")
+    if server_name == "cityscapes" and not stand_in and num_classes != len(cityscapes_train_to_label()):
+        raise SegreproError(f"{model_path}: a Cityscapes submission needs the 19 train ids, the model has {num_classes} classes")
+
+    manifest = {
+        MANIFEST_KEY: 1, "server": server_name, "benchmark": fmt.benchmark, "url": fmt.url,
+        "paper": config["paper"], "experiment": config["experiment"], "scale": config["scale"],
+        "dataset": config["dataset"]["name"], "seed": config["seed"], "split": split, "stand_in": stand_in,
+        "num_images": len(images), "protocol": protocol, "protocol_settings": settings["protocols"][protocol],
+        "backbone": _backbone(config["model"]["backbone"]), "iterations": config["train"]["iterations"],
+        "train": record["summary"], "git_commit": git_commit(),
+    }
+    output_zip = Path(output_zip)
+    with atomic.atomic_path(output_zip) as tmp:
+        with zipfile.ZipFile(tmp, "w") as archive:
+            for image_id, pred in _predictions(model, images, settings["protocols"][protocol], settings, dev, num_classes):
+                values = fmt.encode(pred, num_classes)
+                member = zipfile.ZipInfo(fmt.file_name(image_id, stand_in), date_time=_ZIP_TIME)
+                member.external_attr = 0o644 << 16
+                # PNG is deflated already: stored members cost nothing and unzip anywhere.
+                archive.writestr(member, _png(values), compress_type=zipfile.ZIP_STORED)
+            archive.comment = json.dumps(manifest, sort_keys=True).encode()
+        # Inside the block: a README that cannot be written leaves no zip either.
+        atomic.write_text(readme_path(output_zip), _readme(manifest, fmt, output_zip))
+
+    with tracking.Run(Path(model_path).parent, config, tags={f"submission_{protocol}": str(output_zip)}):
+        pass
+    return manifest
+
+
+def _backbone(backbone: dict) -> str:
+    from segrepro.engine.evaluate import describe_backbone
+
+    return describe_backbone(backbone)
+
+
+def _readme(manifest: dict, fmt: Server, output_zip: Path) -> str:
+    lines = [
+        (f"{output_zip.name}: {manifest['num_images']} predictions of split '{manifest['split']}' of dataset"
+         f" '{manifest['dataset']}', one PNG per image at the image's own size."),
+        f"Benchmark: {fmt.benchmark}. Upload the zip at {fmt.url}.",
+        f"Pixel values: {fmt.values}.",
+        (f"Model: {manifest['paper']}/{manifest['experiment']}, scale '{manifest['scale']}', seed {manifest['seed']},"
+         f" test protocol '{manifest['protocol']}' {json.dumps(manifest['protocol_settings'])}."),
+    ]
+    if manifest["stand_in"]:
+        lines.insert(0, f"NOT A SUBMISSION: dataset '{manifest['dataset']}' has no unlabelled test split; its "
+                        f"'{manifest['split']}' images stand in for one, in the benchmark's file format.")
+    return "\n".join(lines) + "\n"
+

@@ -1,0 +1,1 @@
+"""Layers, losses and backbones more than one model family uses."""

@@ -1,0 +1,1 @@
+"""PSPNet (Zhao et al., CVPR 2017): dilated ResNet + pyramid pooling module (`pspnet`)."""
