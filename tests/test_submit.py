@@ -24,6 +24,7 @@ from PIL import Image
 from test_workflow import planned_jobs, snakemake
 
 from segrepro.config.table_specs import TEST_SERVER_FORMATS, check_table_spec
+from segrepro.core import paths
 from segrepro.core.errors import SegreproError
 from segrepro.data.dataset import SegmentationDataset, SplitImages, load_card
 from segrepro.engine import submit
@@ -129,7 +130,7 @@ def test_ade20k_zip_holds_class_plus_one_per_test_image(tmp_path, stubbed):
         assert (values[:, 0] == 150).all() and (values[:, -1] == 1).all()
     assert manifest["stand_in"] is False and manifest["split"] == "test" and manifest["num_images"] == 3
     assert load_submission(out) == dict(manifest, submission=str(out))
-    readme = submit.readme_path(out).read_text()
+    readme = paths.submission_readme_path(out).read_text()
     assert "http://sceneparsing.csail.mit.edu/" in readme and "NOT A SUBMISSION" not in readme
     assert leftovers(out.parent) == ["seed0_ms.README.txt", "seed0_ms.zip"]  # no temporary file
 
@@ -183,7 +184,7 @@ def test_labelled_split_stands_in_and_says_so(tmp_path, stubbed):
     manifest = submit.write_submission(run_config(root), tmp_path / "model.pt", "val", out, "cityscapes", "ms")
     assert manifest["stand_in"] is True
     assert sorted(members(out)) == ["val_00000.png", "val_00001.png"]  # no Cityscapes names to keep
-    assert submit.readme_path(out).read_text().startswith("NOT A SUBMISSION")
+    assert paths.submission_readme_path(out).read_text().startswith("NOT A SUBMISSION")
 
 
 def test_a_failure_midway_leaves_no_zip(tmp_path, stubbed):

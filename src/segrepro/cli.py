@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats = commands.add_parser("pyramid-stats", help="unity/mix/ignore shares of the precomputed pyramids")
     stats.add_argument("dataset")
     stats.add_argument("--split", default="val")
-    stats.add_argument("--out", type=Path, default=Path("results/tables/pyramid_stats.md"))
+    stats.add_argument("--out", type=Path, default=paths.pyramid_stats_path())
 
     figure = commands.add_parser("figure", help="draw a paper figure from an evaluated run")
     figure.add_argument("name", help="e.g. saf_levels_per_class")
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--scale")
     report.add_argument("--dataset")
     report.add_argument("--seeds", type=int, nargs="+")
-    report.add_argument("--out", type=Path, default=Path("results/report.html"))
+    report.add_argument("--out", type=Path, default=paths.REPORT)
 
     claims = commands.add_parser("claims", help="every claim the tables check: reproduced, contradicted, not told apart, or not yet run")
     claims.add_argument("--scale")

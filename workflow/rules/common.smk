@@ -39,6 +39,10 @@ SPLIT = PARAMS.workflow["split"]  # None: each table's split for its dataset (Pa
 LOCAL_SOURCES = PARAMS.workflow["sources"]  # dataset -> an extracted copy of its archive
 
 ID = r"[A-Za-z0-9_]+"
+# The wildcards of one run: segrepro.core.paths' functions called with them give the rules' output
+# patterns, so the CLI, the table writer and the rules share one definition of every file name.
+RUN = ("{scale}", "{dataset}", "{paper}", "{experiment}", "{seed}")
+MODEL = str(paths.model_path(*RUN))
 
 
 wildcard_constraints:
@@ -175,7 +179,7 @@ def dataset_source(wildcards):
     folder dataset: that, else its declared `root`)."""
     declaration = PARAMS.dataset(wildcards.dataset)
     if declaration["kind"] == "subset":
-        return {"source": str(paths.dataset_root(declaration["source"]) / "dataset.yaml")}
+        return {"source": str(paths.card_path(declaration["source"]))}
     if wildcards.dataset in LOCAL_SOURCES:
         return {"local": LOCAL_SOURCES[wildcards.dataset]}
     if declaration["kind"] == "folder" and "root" in declaration:
@@ -193,7 +197,7 @@ def dataset_declaration(wildcards):
 
 
 def dataset_card(wildcards):
-    return paths.dataset_root(wildcards.dataset) / "dataset.yaml"
+    return paths.card_path(wildcards.dataset)
 
 
 def table_metrics(wildcards):

@@ -3,7 +3,7 @@ rule download:
     checksums, the lock file). Runs only while the file is missing: a user-placed archive (e.g.
     Cityscapes, behind a login) is verified by the prepare step instead."""
     output:
-        "data/raw/{archive}",
+        str(paths.RAW / "{archive}"),
     conda:
         "../envs/segrepro.yaml"
     log:
@@ -21,7 +21,7 @@ rule prepare_dataset:
         unpack(dataset_source),
         code=dataset_code("prepare"),
     output:
-        update("data/{dataset}/dataset.yaml"),
+        update(str(paths.card_path("{dataset}"))),
     params:
         declaration=dataset_declaration,
         source=lambda wildcards: local_source_option(wildcards.dataset),

@@ -3,11 +3,11 @@ rule evaluate:
     metrics JSON (evaluate_split below: any other split)."""
     input:
         unpack(pyramid_inputs),
-        model="results/runs/{scale}/{dataset}/{paper}/{experiment}/seed{seed}/model.pt",
+        model=MODEL,
         dataset=dataset_card,
         code=family_code("evaluate"),
     output:
-        "results/metrics/{scale}/{dataset}/{paper}/{experiment}/seed{seed}/{protocol}.json",
+        str(paths.metrics_path(*RUN, "{protocol}")),
     params:
         settings=eval_settings,
         split=job_split,
@@ -29,7 +29,7 @@ rule evaluate:
 
 use rule evaluate as evaluate_split with:
     output:
-        "results/metrics/{scale}/{dataset}/{paper}/{experiment}/seed{seed}/{protocol}.{split}.json",
+        str(paths.metrics_path(*RUN, "{protocol}", "{split}")),
     wildcard_constraints:
         split=r"(?!val\b)[A-Za-z_][A-Za-z0-9_]*",  # val's file is PROTOCOL.json (rule evaluate)
     log:

@@ -5,7 +5,7 @@ rule figure:
         # Its paper's model code only: editing another family's model leaves the figure alone.
         code=family_code("figure", paper_of=lambda wildcards: PARAMS.figure(wildcards.figure)[0]),
     output:
-        "results/figures/{figure}.png",
+        str(paths.figure_path("{figure}")),
     params:
         dataset_option=f"--dataset {DATASET}" if DATASET else "",
         seed=SEEDS[0],

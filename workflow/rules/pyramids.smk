@@ -4,7 +4,7 @@ rule pyramids:
         dataset=dataset_card,
         code=dataset_code("pyramids"),
     output:
-        directory("results/pyramids/{dataset}/{split}"),
+        directory(str(paths.pyramid_dir("{dataset}", "{split}"))),
     params:
         base_size=eval_base_size(),
         scale=SCALE,
@@ -21,10 +21,10 @@ rule pyramid_stats:
     """How many cells of each level are unity, mix or ignore, and where each class is settled."""
     input:
         pyramids=paths.pyramid_dir(PYRAMID_STATS_DATASET, "val"),
-        dataset=paths.dataset_root(PYRAMID_STATS_DATASET) / "dataset.yaml",
+        dataset=paths.card_path(PYRAMID_STATS_DATASET),
         code=dataset_code("pyramid_stats", dataset_of=lambda wildcards: PYRAMID_STATS_DATASET),
     output:
-        "results/tables/pyramid_stats.md",
+        str(paths.pyramid_stats_path()),
     params:
         dataset=PYRAMID_STATS_DATASET,
     localrule: True

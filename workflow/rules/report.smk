@@ -9,7 +9,7 @@ rule report:
         built=built_results,
         code=stage_sources("report"),
     output:
-        "results/report.html",
+        str(paths.REPORT),
     params:
         scale=SCALE,
         seeds=" ".join(str(seed) for seed in SEEDS),

@@ -2,12 +2,12 @@ rule submit:
     """A test-server submission: the model's predictions on the dataset's unlabelled test split (the
     val images stand in where there is none), one PNG per image in the server's format, zipped."""
     input:
-        model="results/runs/{scale}/{dataset}/{paper}/{experiment}/seed{seed}/model.pt",
+        model=MODEL,
         dataset=dataset_card,
         code=family_code("submit"),
     output:
-        zip="results/submissions/{scale}/{dataset}/{paper}/{experiment}/seed{seed}_{protocol}.zip",
-        readme="results/submissions/{scale}/{dataset}/{paper}/{experiment}/seed{seed}_{protocol}.README.txt",
+        zip=str(paths.submission_path(*RUN, "{protocol}")),
+        readme=str(paths.submission_readme_path(paths.submission_path(*RUN, "{protocol}"))),
     params:
         settings=eval_settings,
         server=submission_server,

@@ -6,8 +6,8 @@ rule table:
         metrics=table_metrics,
         code=stage_sources("table"),
     output:
-        md="results/tables/{table}.md",
-        csv="results/tables/{table}.csv",
+        md=str(paths.table_path("{table}")),
+        csv=str(paths.table_path("{table}").with_suffix(".csv")),
     params:
         spec=table_spec,
         dataset_option=f"--dataset {DATASET}" if DATASET else "",
@@ -29,7 +29,7 @@ rule flops:
     input:
         code=family_code("flops", paper_of=lambda wildcards: PARAMS.table(wildcards.table)[0]),
     output:
-        "results/flops/{table}.json",
+        str(paths.flops_path("{table}")),
     params:
         models=table_models,
     localrule: True
@@ -47,7 +47,7 @@ rule efficiency:
     input:
         code=family_code("efficiency", paper_of=lambda wildcards: PARAMS.table(wildcards.table)[0]),
     output:
-        "results/efficiency/{table}.json",
+        str(paths.efficiency_path("{table}")),
     params:
         models=efficiency_models,
         scale=SCALE,

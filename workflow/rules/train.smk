@@ -4,7 +4,7 @@ rule train:
         dataset=dataset_card,
         code=family_code("train"),
     output:
-        "results/runs/{scale}/{dataset}/{paper}/{experiment}/seed{seed}/model.pt",
+        MODEL,
     params:
         config=train_config_hash,
     threads: 1

@@ -14,7 +14,7 @@ METRICS = {
     "train_its": ("Train it/s", True),
     "train_mem_gb": ("Train mem. (G)", False),
 }
-COMPARISON_HEADS = ("plain", "ccnet", "ocr")  # segrepro.models.saf.context_heads.HEADS (it imports torch)
+COMPARISON_HEADS = ("plain", "ccnet", "ocr")  # the heads segrepro.models.saf.context_heads builds
 RESNET_OUTPUT_STRIDES = (8, 32)
 PRECISIONS = ("fp32", "bf16")
 MACHINES = ("cuda", "cpu")

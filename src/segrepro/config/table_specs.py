@@ -12,7 +12,8 @@ from segrepro.core.errors import SegreproError
 
 DEFAULT_PROTOCOL = "ss"
 DEFAULT_CLAIM_METRIC = "miou"
-TEST_SERVER_FORMATS = ("ade20k_sceneparsing", "cityscapes")  # the keys of segrepro.engine.submit.SERVERS
+# The test servers segrepro.engine.submit writes for (its SERVERS; tests/test_submit.py checks they agree).
+TEST_SERVER_FORMATS = ("ade20k_sceneparsing", "cityscapes")
 
 
 def row_key(experiment: str, protocol: str) -> str:

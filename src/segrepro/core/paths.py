@@ -7,12 +7,20 @@ DATA = Path("data")
 RAW = DATA / "raw"  # downloaded archives, kept out of data.dvc (see .dvcignore)
 ARCHIVE_LOCK = Path("params") / "archives.lock.yaml"
 RESULTS = Path("results")
+REPORT = RESULTS / "report.html"
 TRAIN_LOG = "train_log.jsonl"  # in a run's folder: JSON lines of loss/lr and of the curve's val mIoU
 PROGRESS = "progress.jsonl"  # in a run's folder: its trainer's progress lines (segrepro.pipeline.controller prints them)
 
 
+CARD = "dataset.yaml"  # a prepared dataset's card, in its root (segrepro.data.dataset reads it)
+
+
 def dataset_root(dataset: str) -> Path:
     return DATA / dataset
+
+
+def card_path(dataset: str) -> Path:
+    return dataset_root(dataset) / CARD
 
 
 def run_dir(scale: str, dataset: str, paper: str, experiment: str, seed: int) -> Path:
@@ -36,6 +44,15 @@ def submission_path(scale, dataset, paper, experiment, seed, protocol) -> Path:
     return RESULTS / "submissions" / scale / dataset / paper / experiment / f"seed{seed}_{protocol}.zip"
 
 
+# Marks segrepro.engine.submit's manifest in a submission zip's comment (the tables read it back).
+SUBMISSION_KEY = "segrepro_submission"
+
+
+def submission_readme_path(submission: Path) -> Path:
+    """The README.txt beside a submission zip: what it is and where to upload it."""
+    return Path(submission).with_suffix(".README.txt")
+
+
 def table_path(table: str) -> Path:
     return RESULTS / "tables" / f"{table}.md"
 
@@ -43,6 +60,11 @@ def table_path(table: str) -> Path:
 def pyramid_dir(dataset: str, split: str) -> Path:
     """The precomputed pyramidal ground truth of a split: one {image_id}.npz per image."""
     return RESULTS / "pyramids" / dataset / split
+
+
+def pyramid_stats_path() -> Path:
+    """The statistics of the ground-truth pyramids (`segrepro pyramid-stats`)."""
+    return table_path("pyramid_stats")
 
 
 def figure_path(figure: str) -> Path:

@@ -22,13 +22,14 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from segrepro.core import paths
 from segrepro.core.errors import SegreproError, one_line
 
 # ImageNet statistics on the 0-255 scale, as used by the papers' pretrained backbones.
 IMAGENET_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
 IMAGENET_STD = np.array([58.395, 57.12, 57.375], np.float32)
 
-CARD_NAME = "dataset.yaml"
+CARD_NAME = paths.CARD
 
 
 # ----------------------------------------------------------------------------- the card

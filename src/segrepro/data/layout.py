@@ -8,8 +8,9 @@ import os
 from pathlib import Path
 
 from segrepro.core.errors import SegreproError
+from segrepro.core.paths import CARD
 
-LAYOUT_ENTRIES = {"dataset.yaml", "images", "labels", "splits"}
+LAYOUT_ENTRIES = {CARD, "images", "labels", "splits"}
 
 
 def check_replaceable(root: Path) -> None:

@@ -28,6 +28,7 @@ from PIL import Image
 
 from segrepro.core import atomic
 from segrepro.core.errors import SegreproError
+from segrepro.core.paths import CARD
 from segrepro.data.layout import check_replaceable
 
 CLASS_NAMES = (
@@ -494,5 +495,5 @@ def generate_dataset(root, name: str, seed: int, width: int, height: int,
                 "scene_types": ["street", "harbour"],
             },
         }
-        (tmp / "dataset.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
+        (tmp / CARD).write_text(yaml.safe_dump(card, sort_keys=False))
     return root

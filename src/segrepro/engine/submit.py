@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from segrepro.core import atomic
+from segrepro.core import atomic, paths
 from segrepro.core.errors import SegreproError
 from segrepro.core.provenance import git_commit
 from segrepro.data.dataset import SplitImages
@@ -35,7 +35,6 @@ from segrepro.engine import inference
 from segrepro.engine.train import load_model, pick_device
 from segrepro.pipeline import tracking
 
-MANIFEST_KEY = "segrepro_submission"  # marks our JSON in a zip comment (= segrepro.reporting.tables.SUBMISSION_KEY)
 # Cityscapes file names: {city}_{seq:0>6}_{frame:0>6}_... (cityscapesScripts README, "Dataset Structure").
 CITYSCAPES_FRAME = re.compile(r"^([a-z]+)_(\d{6})_(\d{6})(?:_|$)")
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member times: the same predictions give the same bytes
@@ -134,10 +133,6 @@ def default_split(card: dict) -> str:
     return unlabelled[0] if len(unlabelled) == 1 else "val"
 
 
-def readme_path(output_zip: Path) -> Path:
-    return Path(output_zip).with_suffix(".README.txt")
-
-
 def _png(values: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(values, np.uint8)).save(buffer, format="PNG")
@@ -190,7 +185,7 @@ def write_submission(config: dict, model_path: Path, split: str, output_zip: Pat
         raise SegreproError(f"{model_path}: a Cityscapes submission needs the 19 train ids, the model has {num_classes} classes")
 
     manifest = {
-        MANIFEST_KEY: 1, "server": server_name, "benchmark": fmt.benchmark, "url": fmt.url,
+        paths.SUBMISSION_KEY: 1, "server": server_name, "benchmark": fmt.benchmark, "url": fmt.url,
         "paper": config["paper"], "experiment": config["experiment"], "scale": config["scale"],
         "dataset": config["dataset"]["name"], "seed": config["seed"], "split": split, "stand_in": stand_in,
         "num_images": len(images), "protocol": protocol, "protocol_settings": settings["protocols"][protocol],
@@ -208,7 +203,7 @@ def write_submission(config: dict, model_path: Path, split: str, output_zip: Pat
                 archive.writestr(member, _png(values), compress_type=zipfile.ZIP_STORED)
             archive.comment = json.dumps(manifest, sort_keys=True).encode()
         # Inside the block: a README that cannot be written leaves no zip either.
-        atomic.write_text(readme_path(output_zip), _readme(manifest, fmt, output_zip))
+        atomic.write_text(paths.submission_readme_path(output_zip), _readme(manifest, fmt, output_zip))
 
     with tracking.Run(Path(model_path).parent, config, tags={f"submission_{protocol}": str(output_zip)}):
         pass

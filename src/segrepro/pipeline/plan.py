@@ -115,7 +115,7 @@ def parse_dry_run(text: str) -> list[Job]:
     return jobs
 
 
-REPORT = str(paths.RESULTS / "report.html")
+REPORT = str(paths.REPORT)
 
 
 def snakemake_targets(targets: list[str]) -> list[str]:
@@ -191,7 +191,7 @@ def _card(dataset: str) -> dict | None:
     from segrepro.data.dataset import load_card
 
     root = paths.dataset_root(dataset)
-    return load_card(root) if (root / "dataset.yaml").is_file() else None
+    return load_card(root) if (root / paths.CARD).is_file() else None
 
 
 @dataclass

@@ -29,6 +29,7 @@ from segrepro.config.table_specs import (
     table_row_keys,
 )
 from segrepro.core.errors import SegreproError
+from segrepro.core.paths import SUBMISSION_KEY
 from segrepro.reporting.markdown import (
     CLAIMS_NOTE,
     MISSING,
@@ -52,7 +53,6 @@ METRIC_NAMES = {"miou": "mIoU (%)", "pixel_acc": "Pixel Acc. (%)", "gmacs": "GMA
 LOWER_IS_BETTER = {"gmacs"}
 FLOPS_TOLERANCE = 0.03  # a count further than this from the paper's must say why
 ABSENT_MARK = "⚠"  # opens the note on an evaluated split that lacks a class (segrepro.engine.evaluate)
-SUBMISSION_KEY = "segrepro_submission"  # marks segrepro.engine.submit's manifest in a zip's comment
 
 
 def metric_name(metric: str) -> str:

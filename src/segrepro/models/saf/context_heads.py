@@ -28,13 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segrepro.config.efficiency_spec import COMPARISON_HEADS
 from segrepro.core.errors import SegreproError
 from segrepro.models.common.backbone import Backbone
 from segrepro.models.common.layers import conv_bn_relu
 from segrepro.models.common.losses import masked_cross_entropy
 from segrepro.models.saf.features import build_feature_extractor
 
-HEADS = ("plain", "ccnet", "ocr")
+HEADS = COMPARISON_HEADS  # named in the torch-free table specs
 OCR_AUX_WEIGHT = 0.4  # OCR Sec. 3.4: the soft object regions' loss weight
 
 
