@@ -318,11 +318,11 @@ def test_eval_only_settings_never_retrain(built):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module, rules", [
-    ("tables.py", {"table"}),
-    ("evaluate.py", {"evaluate", "table"}),
-    ("models/pspnet.py", {"train", "evaluate", "table"}),
+    ("reporting/tables.py", {"table"}),
+    ("engine/evaluate.py", {"evaluate", "table"}),
+    ("models/pspnet/pspnet.py", {"train", "evaluate", "table"}),
     # Another family's model: nothing of PSPNet's table reruns.
-    ("models/specialize_fuse.py", set()),
+    ("models/saf/specialize_fuse.py", set()),
 ])
 def test_code_change_reruns_the_stages_that_import_it(built, module, rules):
     source = built.root / "src/segrepro" / module
