@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from segrepro.core import per_image
 from segrepro.engine.metrics import ConfusionMatrix
 from segrepro.reporting import bootstrap
-from segrepro.reporting.markdown import CONTRADICTED, NOT_DECISIVE, NOT_TOLD_APART, REPRODUCED, parse_claims
+from segrepro.reporting.markdown import CONTRADICTED, NOT_DECISIVE, NOT_TOLD_APART, REPRODUCED, read_claims
 from segrepro.reporting.tables import build_table, load_run
 
 # ----------------------------------------------------------------------------- per-image counts
@@ -160,8 +159,10 @@ def noisy_pair(rng, delta: float, n_images: int = 40):
 
 
 def claim_line(results) -> dict:
-    text, _ = build_table("t", SPEC, results, HEADER)
-    (claim,) = parse_claims(text)
+    """The one judged claim (as data) of a two-row table; its Markdown line says the same."""
+    text, _, judged = build_table("t", SPEC, results, HEADER)
+    (claim,) = judged
+    assert f"- {claim['verdict']}: {claim['claim']} — {claim['evidence']} ({claim['paper_note']})" in text.splitlines()
     return claim
 
 
@@ -172,8 +173,9 @@ def test_a_claim_ahead_on_means_is_not_told_apart_with_its_interval():
     assert means["b@ss"] > means["a@ss"]  # the old rule: ✅ on the direction of the means alone
     claim = claim_line(results)
     assert claim["verdict"] == NOT_TOLD_APART
-    delta, half = re.search(r"Δ \+(\d+\.\d\d) ± (\d+\.\d\d)", claim["evidence"]).groups()
-    assert float(delta) < float(half)
+    (pair,) = claim["pairs"]
+    assert 0 < pair["delta"] < pair["half_width"] and pair["basis"] == "images"
+    assert f"Δ +{pair['delta']:.2f} ± {pair['half_width']:.2f}" in claim["evidence"]
     assert "one seed: the intervals count the test images" in claim["evidence"]
 
 
@@ -185,7 +187,7 @@ def test_clear_differences_are_reproduced_or_contradicted():
 
 def test_a_paper_margin_under_one_miou_is_not_decisive_in_the_paper():
     claim = claim_line(noisy_pair(np.random.default_rng(5), 0.15, 200))
-    assert claim["paper"] == f"paper's numbers agree by 0.50, within the run-to-run spread: {NOT_DECISIVE}"
+    assert claim["paper_note"] == f"paper's numbers agree by 0.50, within the run-to-run spread: {NOT_DECISIVE}"
 
 
 def test_old_metrics_without_per_image_statistics_still_make_a_table(tmp_path):
@@ -244,16 +246,20 @@ def test_three_verdicts_end_to_end_with_two_seeds(project, edit_params):
             run = load_run(metrics)  # refuses counts that do not add up to the file's mIoU
             assert run["per_image"]["tp"].shape == (run["num_images"], len(run["per_class_iou"]))
 
-    judged = {claim["claim"]: claim for claim in parse_claims((project / "results/tables/pspnet_table2.md").read_text())}
+    document = read_claims(project / "results/tables/pspnet_table2.claims.json")
+    judged = {claim["claim"]: claim for claim in document["claims"]}
+    assert (document["scale"], document["seeds"]) == ("tiny", [0, 1])
     assert len(judged) == 3
 
     def delta_and_half_width(claim):
         assert "[" not in claim["evidence"], claim  # images and seeds both counted: no weaker basis
-        sign, delta, half = re.search(r"Δ ([+−]?)(\d+\.\d\d) ± (\d+\.\d\d)$", claim["evidence"]).groups()
-        return (-1 if sign == "−" else 1) * float(delta), float(half)
+        (pair,) = claim["pairs"]
+        assert claim["basis"] == [pair["basis"]] == ["images and seeds"]
+        return pair["delta"], pair["half_width"]
 
     claim, mirror, itself = judged["PSP over FCN"], judged["FCN over PSP"], judged["PSP over itself"]
     delta, half = delta_and_half_width(claim)
+    assert f"Δ {'+' if delta > 0 else '−'}{abs(delta):.2f} ± {half:.2f}" in claim["evidence"]
     assert delta_and_half_width(mirror) == pytest.approx((-delta, half), abs=0.011)
     expected = REPRODUCED if delta - half > 0 else CONTRADICTED if delta + half < 0 else NOT_TOLD_APART
     assert claim["verdict"] == expected

@@ -24,7 +24,7 @@ from segrepro.models.saf.context_heads import (
 )
 from segrepro.pipeline import codedeps
 from segrepro.reporting import efficiency_table
-from segrepro.reporting.markdown import CONTRADICTED, NOT_TOLD_APART, REPRODUCED, parse_claims
+from segrepro.reporting.markdown import CONTRADICTED, NOT_TOLD_APART, REPRODUCED
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 5
@@ -187,7 +187,7 @@ def record_of(measured: dict, **changes) -> dict:
 
 def test_table_from_a_record(params):
     _, spec = params.table("table5")
-    text, frame = efficiency_table.build_efficiency_table("table5", spec, record_of(MEASURED))
+    text, frame, judged = efficiency_table.build_efficiency_table("table5", spec, record_of(MEASURED))
     assert "- Device: Test CPU (CPU, 2 torch threads); the paper's: GeForce RTX 2080 Ti" in text
     assert "- Input: 256×256 random images (a CPU times a smaller input" in text
     assert "batch 4" in text and "- Precision: fp32" in text and "peak resident set size" in text
@@ -206,7 +206,15 @@ def test_table_from_a_record(params):
         "- ❌ contradicted: Our head needs less training memory than CCNet and OCR — Train mem. (G):"
         " HRNet48 + ours 6.8 ≥ HRNet48 + CCNet 6; HRNet48 + ours 6.8 ≥ HRNet48 + OCR 5 (paper's numbers agree)",
     ]
-    assert [claim["verdict"] for claim in parse_claims(text)] == [REPRODUCED, NOT_TOLD_APART, CONTRADICTED]
+    # The same claims as data (NAME.claims.json): each pair with our two values and their difference.
+    assert [claim["verdict"] for claim in judged] == [REPRODUCED, NOT_TOLD_APART, CONTRADICTED]
+    assert [f"- {c['verdict']}: {c['claim']} — {c['evidence']} ({c['paper_note']})" for c in judged] == claims
+    (fps,) = judged[0]["pairs"]
+    assert (fps["better"], fps["than"], fps["metric"], fps["ours_better"], fps["ours_than"]) == \
+        ("ours", "ccnet", "test_fps", 8.2, 6.0)
+    assert fps["delta"] == pytest.approx(2.2) and fps["half_width"] is None and judged[0]["basis"] == ["timing noise"]
+    assert [(pair["than"], pair["delta"]) for pair in judged[2]["pairs"]] == [("ccnet", pytest.approx(0.8)),
+                                                                              ("ocr", pytest.approx(1.8))]
     row = frame.set_index("id").loc["ours"]
     assert (row["test_fps_ours"], row["test_fps_paper"], row["test_fps_ours_rel"]) == (8.2, 24.0, pytest.approx(0.82))
     assert (row["head"], row["device"], row["input_size"]) == ("", "cpu", 256)
@@ -216,7 +224,7 @@ def test_table_b_divides_by_the_dilated_resnet_and_leaves_missing_paper_numbers_
     _, spec = params.table("tableB")
     measured = {"resnet101": (20.0, 2.0, 3.0), "dilated": (5.0, 0.5, 8.0), "decoder": (8.0, 0.8, 6.0),
                 "decoder_ours": (6.0, 0.6, 6.5)}
-    text, _ = efficiency_table.build_efficiency_table("tableB", spec, record_of(measured, table="tableB"))
+    text, _, _ = efficiency_table.build_efficiency_table("tableB", spec, record_of(measured, table="tableB"))
     # the paper gives no training it/s in Table B; 32 / 24 = 1.33, 8.4 / 9.6 = 0.88
     assert "| ResNet101-decoder | 32 | 8 | 1.33× | 1.60× | – | 0.8 | – | 1.60× | 8.4 | 6 | 0.88× | 0.75× |" in text
     assert text.count("- ✅ reproduced") == 4
@@ -225,7 +233,7 @@ def test_table_b_divides_by_the_dilated_resnet_and_leaves_missing_paper_numbers_
 def test_a_cuda_record_names_its_memory_measure(params):
     _, spec = params.table("table5")
     record = record_of(MEASURED, device="cuda", device_name="NVIDIA H200", input_size=512, test_images=50)
-    text, _ = efficiency_table.build_efficiency_table("table5", spec, record)
+    text, _, _ = efficiency_table.build_efficiency_table("table5", spec, record)
     assert "- Device: NVIDIA H200 (GPU); the paper's: GeForce RTX 2080 Ti" in text
     assert "- Input: 512×512 random images, 150 classes" in text and "allocator reserved" in text
 

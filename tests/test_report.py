@@ -23,10 +23,12 @@ from segrepro.reporting.markdown import (
     NOT_TOLD_APART,
     REPRODUCED,
     VERDICTS,
-    parse_claims,
+    claim_line,
+    claim_record,
+    header_claims_document,
     verdict_line,
     verdict_of,
-    write_table,
+    write_files,
 )
 from segrepro.reporting.tables import build_table
 
@@ -46,16 +48,13 @@ def test_the_verdict_of_intervals(intervals, verdict):
 
 
 @pytest.mark.parametrize("verdict", VERDICTS)
-def test_a_verdict_line_parses_back(verdict):
-    line = verdict_line("A > B (both | sides)", verdict, "GMACs: a 1.00 < b 2.00", "paper's numbers agree")
-    assert line.startswith(f"- {verdict}: A > B (both | sides)")
-    markdown = f"# t\n\n| x |\n|---|\n\n## Claims\n\n{line}\n- not a verdict\n\n## Next section\n- {REPRODUCED}: no — x (y)\n"
-    assert parse_claims(markdown) == [{"verdict": verdict, "claim": "A > B (both | sides)",
-                                       "evidence": "GMACs: a 1.00 < b 2.00", "paper": "paper's numbers agree"}]
-
-
-def test_no_claims_section_gives_no_claims():
-    assert parse_claims("# t\n\n- Seeds: 0\n") == []
+def test_a_claim_record_words_its_verdict_line(verdict):
+    record = claim_record("A > B (both | sides)", verdict, "GMACs: a 1.00 < b 2.00", "paper's numbers agree")
+    assert claim_line(record) == verdict_line("A > B (both | sides)", verdict, "GMACs: a 1.00 < b 2.00",
+                                              "paper's numbers agree")
+    assert claim_line(record) == f"- {verdict}: A > B (both | sides) — GMACs: a 1.00 < b 2.00 (paper's numbers agree)"
+    with pytest.raises(ValueError):
+        claim_record("A > B", "✔ fine", "x", "y")
 
 
 SPEC_ROWS = {"psp": 42.0, "fcn": 40.0}
@@ -68,8 +67,8 @@ def write_built_table(name: str, spec: dict, mious: dict[str, list[float]], seed
         for row in spec["rows"]}
     header = {"dataset": "synthetic-tiny", "scale": "tiny", "backbone": "r", "iterations": 6, "seeds": seeds,
               "commits": ["abc"]}
-    text, frame = build_table(name, spec, results, header)
-    write_table(paths.table_path(name), text, frame)
+    text, frame, judged = build_table(name, spec, results, header)
+    write_files(paths.table_path(name), text, frame, header_claims_document(name, spec, header, judged, None))
 
 
 def test_the_claims_summary_takes_built_verdicts_and_lists_the_rest(project, segrepro):
@@ -102,16 +101,46 @@ def test_the_claims_summary_takes_built_verdicts_and_lists_the_rest(project, seg
     assert text.count("| pspnet_table3 |") == len(spec["claims"])
 
 
-def test_a_table_built_before_the_three_verdicts_counts_as_not_yet_run(project):
-    """Its claims lines no longer parse: `segrepro claims` offers the command that rebuilds it
-    instead of dropping its claims."""
+def test_a_table_built_before_its_claims_were_stored_counts_as_not_yet_run(project):
+    """A Markdown table without its claims JSON (built by an older version) is never parsed back:
+    `segrepro claims` offers the command that rebuilds it instead of dropping its claims."""
     params = load_params()
     path = paths.table_path("pspnet_table3")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("# pspnet_table3: x\n\n- Seeds: 0\n\n## Claims\n\n- ❌ not reproduced: a — b (c)\n")
+    path.write_text(f"# pspnet_table3: x\n\n- Seeds: 0\n\n## Claims\n\n- {REPRODUCED}: a — b (c)\n")
     records = [r for r in claims.collect(params, "tiny") if r["table"] == "pspnet_table3"]
     spec = params.paper("pspnet")["tables"]["pspnet_table3"]
     assert len(records) == len(spec["claims"]) and all(r["verdict"] == claims.NOT_YET_RUN for r in records)
+
+
+def test_the_claims_summary_reads_the_claims_json_not_the_markdown(project, segrepro):
+    """The verdicts come from NAME.claims.json alone: its Markdown twin altered, then removed,
+    changes nothing; a broken claims file is a one-line error naming it."""
+    params = load_params()
+    spec = params.paper("pspnet")["tables"]["pspnet_table3"]
+    experiments = sorted({row["experiment"] for row in spec["rows"]})
+    write_built_table("pspnet_table3", spec, {e: [40.0 + 5 * i] for i, e in enumerate(experiments)}, [0])
+    path = paths.table_path("pspnet_table3")
+    before = segrepro("claims", "--scale", "tiny").stdout
+    assert before.count("| pspnet_table3 |") == len(spec["claims"]) and claims.NOT_YET_RUN not in \
+        "".join(line for line in before.splitlines() if "| pspnet_table3 |" in line)
+
+    path.write_text(path.read_text().replace("## Claims", "## Not claims").replace(REPRODUCED, CONTRADICTED))
+    assert segrepro("claims", "--scale", "tiny").stdout == before
+    path.unlink()
+    assert segrepro("claims", "--scale", "tiny").stdout == before
+
+    document = json.loads(paths.claims_path(path).read_text())
+    document["claims"][0]["verdict"] = CONTRADICTED
+    document["claims"][0]["evidence"] = "edited evidence"
+    paths.claims_path(path).write_text(json.dumps(document))
+    edited = [r for r in claims.collect(params, "tiny") if r["table"] == "pspnet_table3"]
+    assert (edited[0]["verdict"], edited[0]["evidence"], edited[0]["seeds"]) == (CONTRADICTED, "edited evidence", "0")
+
+    paths.claims_path(path).write_text("{not json")
+    result = segrepro("claims", "--scale", "tiny")
+    assert result.returncode != 0
+    assert "pspnet_table3.claims.json is unreadable or not valid JSON" in result.stderr.strip().splitlines()[-1]
 
 
 # ----------------------------------------------------------------------------- training curve

@@ -15,6 +15,7 @@ With one-hot logits and 1-D boundaries, bilinear upsampling keeps each pixel's n
 so the counts below follow from this table by hand.
 """
 
+import json
 import math
 from pathlib import Path
 
@@ -263,6 +264,17 @@ def test_level_table_markdown_and_csv(tmp_path):
                          " not decisive in the paper)")
     assert claims[4].startswith("- ✅ reproduced: ℓ=1 (s32): ℓ'=1 has the highest mIoU — ℓ'=1 50.00 vs ℓ'=2 40.00:"
                                 " Δ +10.00 ± 6.08")
+
+    # The same claims as data: the caption's claim, then one per column with a pair per other level.
+    stored = json.loads((tmp_path / "table9.claims.json").read_text())
+    assert (stored["kind"], stored["seeds"], stored["scale"]) == ("level_matrix", HEADER["seeds"], HEADER["scale"])
+    assert [f"- {c['verdict']}: {c['claim']} — {c['evidence']} ({c['paper_note']})" for c in stored["claims"]] == claims
+    column4 = stored["claims"][1]
+    assert [(pair["better"], pair["than"]) for pair in column4["pairs"]] == [("ℓ'=4", "ℓ'=3"), ("ℓ'=4", "ℓ'=2"),
+                                                                              ("ℓ'=4", "ℓ'=1")]
+    assert column4["pairs"][0]["delta"] == pytest.approx(5.0) and column4["pairs"][0]["half_width"] == pytest.approx(
+        4.3027 * math.sqrt(2), abs=1e-3)
+    assert len(stored["claims"][0]["pairs"]) == sum(len(c["pairs"]) for c in stored["claims"][1:])
 
     unity = text.split("## Unity", 1)[1]
     assert "| 4 | 4 | 40.00 ± 1.41 | – (no unity head: every cell is unity) |" in unity

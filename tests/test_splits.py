@@ -44,7 +44,7 @@ def test_a_table_notes_rows_whose_split_lacks_a_class():
               "commits": ["abc"]}
     results = {"a@ss": [{"seed": 0, "miou": 100.0, "split": "test", "classes_without_pixels": ["cell"]}],
                "b@ss": [{"seed": 0, "miou": 60.0, "split": "test", "classes_without_pixels": []}]}
-    text, _ = build_table("t", spec, results, header)
+    text, _, _ = build_table("t", spec, results, header)
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| Method")]
     assert rows[0].startswith("| A |") and rows[1].startswith("| B |")  # labels stay as declared
     assert f"{ABSENT_MARK} The evaluated split (test; rows a@ss) has no ground-truth pixel of 'cell'" in text

@@ -247,7 +247,7 @@ HEADER = {"dataset": "ade20k", "scale": "paper", "backbone": ["resnet101", "hrne
 def test_test_server_rows_render_the_file_to_upload():
     results = {"r101@ms": [{"submission": "results/r101.zip", "stand_in": False}],
                "hr48@ms": [{"submission": "a.zip", "stand_in": False}, {"submission": "b.zip", "stand_in": False}]}
-    text, frame = build_table("table2", SPEC, results, HEADER)
+    text, frame, _ = build_table("table2", SPEC, results, HEADER)
     assert text.split("\n\n", 2)[2] == (
         "| Method | Score (%) paper | Score (%) reproduced | Score (%) Δ |\n"
         "|---|:---:|:---:|:---:|\n"
@@ -270,7 +270,7 @@ def test_a_mixed_table_keeps_its_measured_rows_and_notes_the_stand_in():
         {"label": "test", "experiment": "r101", "protocol": "ms", "paper": {"score": 56.67}, "test_server": SERVER}]}
     results = {"r101@ss": [{"miou": 40.0, "pixel_acc": 80.0}],  # score = (80 + 40) / 2
                "r101@ms": [{"submission": "s.zip", "stand_in": True, "dataset": "synthetic", "split": "val"}]}
-    text, _ = build_table("t", spec, results, HEADER)
+    text, _, _ = build_table("t", spec, results, HEADER)
     lines = text.splitlines()
     assert "| val | 50.00 | 60.00 | +10.00 |" in lines
     assert any(line.startswith("| test | 56.67 | test-server score: submit `s.zip`") for line in lines)

@@ -8,7 +8,8 @@ import pytest
 
 from segrepro.config.table_specs import check_table_spec, parse_ref, row_key, table_row_keys
 from segrepro.core.errors import SegreproError
-from segrepro.reporting.markdown import NOT_DECISIVE, write_table
+from segrepro.core.paths import claims_path
+from segrepro.reporting.markdown import CLAIMS_NOTE, NOT_DECISIVE, NOT_TOLD_APART, REPRODUCED, header_claims_document, read_claims, write_files
 from segrepro.reporting.tables import build_table, declared_paper_note, load_metrics
 
 SPEC = {
@@ -78,7 +79,7 @@ def test_refs_and_keys():
 
 
 def test_one_seed_cells_and_header():
-    text, frame = build_table("test_table", SPEC, one_seed(), HEADER)
+    text, frame, _ = build_table("test_table", SPEC, one_seed(), HEADER)
     assert text.startswith("# test_table: Table X. A small test table\n")
     for line in ("- Dataset: ade20k", "- Scale: tiny", "- Backbone: resnet50s", "- Iterations: 100",
                  "- Seeds: 0", "- Commit: abc1234", "Synthetic numbers for a test."):
@@ -98,7 +99,7 @@ def test_one_seed_cells_and_header():
 def test_one_seed_without_per_image_counts_has_no_interval():
     """Metrics files without per-image counts and one seed: no interval, so no claim is told
     apart (the old rule called "MS helps" false on one number against another)."""
-    text, _ = build_table("test_table", SPEC, one_seed(), HEADER)
+    text, _, _ = build_table("test_table", SPEC, one_seed(), HEADER)
     pairs, best = claim_lines(text)
     assert pairs == (
         "- ➖ not told apart: PSP beats FCN and MS helps — psp50 42.00 vs fcn 36.00: Δ +6.00, no interval; "
@@ -110,7 +111,7 @@ def test_one_seed_without_per_image_counts_has_no_interval():
 
 def test_three_seeds_mean_std_and_spread():
     header = dict(HEADER, seeds=[0, 1, 2], commits=["abc1234", "def5678"])
-    text, frame = build_table("test_table", SPEC, three_seeds(), header)
+    text, frame, _ = build_table("test_table", SPEC, three_seeds(), header)
     assert "- Seeds: 0, 1, 2" in text and "- Commit: abc1234, def5678" in text
     cells = table_cells(text)
     assert cells["Baseline"][:3] == ["37.23", "37.00 ± 1.00", "−0.23"]
@@ -131,6 +132,25 @@ def test_three_seeds_mean_std_and_spread():
     )
 
 
+def test_three_seeds_claims_as_data():
+    """The claims JSON of the same table: each pair's Δ (better − than) and half-width, the basis,
+    and the verdict and paper note the Markdown line words."""
+    header = dict(HEADER, seeds=[0, 1, 2], commits=["abc1234", "def5678"])
+    text, _, judged = build_table("test_table", SPEC, three_seeds(), header)
+    pairs, best = judged
+    assert (pairs["claim"], pairs["verdict"], pairs["paper_note"], pairs["basis"]) == (
+        "PSP beats FCN and MS helps", NOT_TOLD_APART, "paper's numbers agree", ["seeds"])
+    assert [(p["better"], p["than"], p["ours_better"], p["ours_than"]) for p in pairs["pairs"]] == [
+        ("psp50", "fcn", 42.0, 37.0), ("psp50@ms", "psp50", 42.5, 42.0)]
+    # Half-width t(0.975, 6) · sqrt(0.75 · 2/3) = 1.7302 (see test_three_seeds_mean_std_and_spread).
+    assert [p["delta"] for p in pairs["pairs"]] == pytest.approx([5.0, 0.5])
+    assert [p["half_width"] for p in pairs["pairs"]] == pytest.approx([1.7302, 1.7302], abs=1e-4)
+    # `best`: the best row against every other one, all stored, not only the rival the line shows.
+    assert [(p["better"], p["than"]) for p in best["pairs"]] == [("psp50@ms", "fcn"), ("psp50@ms", "psp50")]
+    assert [p["delta"] for p in best["pairs"]] == pytest.approx([5.5, 0.5])
+    assert claim_lines(text) == [f"- {c['verdict']}: {c['claim']} — {c['evidence']} ({c['paper_note']})" for c in judged]
+
+
 def test_claim_clear_of_spread_and_paper_disagreeing():
     spec = copy.deepcopy(SPEC)
     spec["rows"][2]["paper"]["miou"] = 40.0  # the paper's own numbers now contradict "MS helps"
@@ -138,8 +158,9 @@ def test_claim_clear_of_spread_and_paper_disagreeing():
                       {"claim": "MS helps", "better": ["psp50@ms"], "than": ["psp50@ss"]}]
     results = three_seeds()
     results["psp50@ms"] = runs([45.0, 45.5, 46.0])
-    text, _ = build_table("test_table", spec, results, HEADER)
+    text, _, _ = build_table("test_table", spec, results, HEADER)
     first, second = claim_lines(text)
+    assert [claim["verdict"] for claim in build_table("test_table", spec, results, HEADER)[2]] == [REPRODUCED] * 2
     assert first == ("- ✅ reproduced: PSP beats FCN — psp50 42.00 vs fcn 37.00: Δ +5.00 ± 1.73 "
                      "[no per-image statistics (metrics written before they were stored): the intervals count the seeds only] (paper's numbers agree)")
     assert second == ("- ✅ reproduced: MS helps — psp50@ms 45.50 vs psp50 42.00: Δ +3.50 ± 1.73 "
@@ -154,7 +175,7 @@ def test_the_papers_own_margin_is_judged_before_anything_runs():
     spec["rows"][2]["paper"]["miou"] = 41.90
     assert declared_paper_note(spec, spec["claims"][1]) == (
         f"paper's numbers agree by 0.22, within the run-to-run spread: {NOT_DECISIVE}")
-    text, _ = build_table("test_table", spec, one_seed(), HEADER)  # the built table says the same
+    text, _, _ = build_table("test_table", spec, one_seed(), HEADER)  # the built table says the same
     assert claim_lines(text)[1].endswith(f"within the run-to-run spread: {NOT_DECISIVE})")
     spec["rows"][2]["paper"]["miou"] = 41.00
     assert declared_paper_note(spec, spec["claims"][1]) == "paper's numbers disagree"
@@ -163,7 +184,7 @@ def test_the_papers_own_margin_is_judged_before_anything_runs():
 def test_claim_on_other_metric():
     spec = copy.deepcopy(SPEC)
     spec["claims"] = [{"claim": "PSP has higher accuracy", "better": ["psp50"], "than": ["fcn"], "metric": "pixel_acc"}]
-    text, _ = build_table("test_table", spec, one_seed(), HEADER)
+    text, _, _ = build_table("test_table", spec, one_seed(), HEADER)
     assert claim_lines(text) == [
         "- ➖ not told apart: PSP has higher accuracy — Pixel Acc. (%): psp50 80.50 vs fcn 78.01: Δ +2.49, no interval "
         "[no interval: one seed and no per-image statistics (metrics written before they were stored)] (paper's numbers agree)"
@@ -222,18 +243,25 @@ def test_real_paper_specs_are_valid():
             check_table_spec(name, spec)
 
 
-def test_write_table_is_atomic_and_round_trips(tmp_path):
-    text, frame = build_table("test_table", SPEC, three_seeds(), HEADER)
+def test_write_files_is_atomic_and_round_trips(tmp_path):
+    text, frame, judged = build_table("test_table", SPEC, three_seeds(), HEADER)
     target = tmp_path / "tables" / "test_table.md"
-    write_table(target, text, frame)
-    assert sorted(p.name for p in target.parent.iterdir()) == ["test_table.csv", "test_table.md"]
+    document = header_claims_document("test_table", SPEC, HEADER, judged, CLAIMS_NOTE)
+    write_files(target, text, frame, document)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["test_table.claims.json", "test_table.csv", "test_table.md"]
     assert target.read_text(encoding="utf-8") == text
     back = pd.read_csv(target.with_suffix(".csv"))
     pd.testing.assert_frame_equal(back, frame, check_dtype=False)
-    # A second write replaces both files, again leaving no temp file behind.
-    write_table(target, text.replace("ade20k", "cityscapes"), frame)
+    stored = read_claims(claims_path(target))
+    assert stored == json.loads(json.dumps(document))
+    assert (stored["table"], stored["kind"], stored["scale"], stored["seeds"], stored["dataset"]) == (
+        "test_table", "rows", "tiny", [0], "ade20k")
+    assert [claim["claim"] for claim in stored["claims"]] == ["PSP beats FCN and MS helps", "MS is best"]
+    # A second write replaces every file, again leaving no temp file behind.
+    write_files(target, text.replace("ade20k", "cityscapes"), frame, dict(document, dataset="cityscapes"))
     assert "cityscapes" in target.read_text(encoding="utf-8")
-    assert len(list(target.parent.iterdir())) == 2
+    assert read_claims(claims_path(target))["dataset"] == "cityscapes"
+    assert len(list(target.parent.iterdir())) == 3
 
 
 def test_load_metrics(tmp_path):
@@ -288,7 +316,7 @@ def flops_results():
 
 
 def test_computation_claims_count_lower_as_better():
-    text, frame = build_table("t9", FLOPS_SPEC, flops_results(), HEADER, COUNTS)
+    text, frame, _ = build_table("t9", FLOPS_SPEC, flops_results(), HEADER, COUNTS)
     claims = text.split("## Claims")[1]
     # A count has no uncertainty: the verdict is its sign, with no interval and no remark.
     assert "✅ reproduced: Ours is cheaper than dilation — GMACs: ours 60.00 vs d8 102.00: Δ −42.00 (paper's numbers agree)" in claims
@@ -297,7 +325,7 @@ def test_computation_claims_count_lower_as_better():
 
 
 def test_counts_far_from_the_paper_say_why():
-    text, _ = build_table("t9", FLOPS_SPEC, flops_results(), HEADER, COUNTS)
+    text, _, _ = build_table("t9", FLOPS_SPEC, flops_results(), HEADER, COUNTS)
     section = text.split("GMACs: multiply-adds")[1].split("## Claims")[0]
     lines = [line for line in section.splitlines() if line.startswith("- ")]
     # 102 vs 100 is within 3 %: no explanation needed; 60 vs 50 (+20 %) gives the row's note;
@@ -310,7 +338,7 @@ def test_counts_far_from_the_paper_say_why():
 
 def test_a_row_counted_as_the_paper_counted_it_says_how():
     counts = dict(COUNTS, other=dict(COUNTS["other"], input_size=512, num_classes=150))
-    text, _ = build_table("t9", FLOPS_SPEC, flops_results(), HEADER, counts)
+    text, _, _ = build_table("t9", FLOPS_SPEC, flops_results(), HEADER, counts)
     section = text.split("GMACs: multiply-adds")[1].split("## Claims")[0]
     lines = [line for line in section.splitlines() if line.startswith("- ")]
     assert lines[2].startswith("- Other: 25.00 = backbone 20.00 + rest 5.00 (counted on a 512² image, 150 classes);")

@@ -275,12 +275,12 @@ def cmd_submit(params: Params, args) -> None:
 
 
 def cmd_table(params: Params, args) -> None:
-    from segrepro.reporting.tables import write_paper_table
+    from segrepro.reporting.tables import write_table
 
     scale = args.scale or params.workflow["scale"]
     seeds = args.seeds or params.seeds(scale)
     out = args.out or paths.table_path(args.name)
-    write_paper_table(params, args.name, scale, args.dataset or params.workflow["dataset"], seeds, out,
+    write_table(params, args.name, scale, args.dataset or params.workflow["dataset"], seeds, out,
                       split=args.split or params.workflow["split"])
     print(f"wrote {out}")
 

@@ -1,5 +1,5 @@
 rule table:
-    """A paper table (Markdown + CSV) from the metrics files of its rows and seeds."""
+    """A paper table (Markdown + CSV + its claims as data) from the metrics files of its rows and seeds."""
     input:
         unpack(table_flops),
         unpack(table_efficiency),
@@ -8,6 +8,7 @@ rule table:
     output:
         md=str(paths.table_path("{table}")),
         csv=str(paths.table_path("{table}").with_suffix(".csv")),
+        claims=str(paths.claims_path(paths.table_path("{table}"))),
     params:
         spec=table_spec,
         dataset_option=f"--dataset {DATASET}" if DATASET else "",

@@ -57,6 +57,12 @@ def table_path(table: str) -> Path:
     return RESULTS / "tables" / f"{table}.md"
 
 
+def claims_path(table_md) -> Path:
+    """The claims of a table as data, beside its Markdown: results/tables/NAME.claims.json."""
+    table_md = Path(table_md)
+    return table_md.with_name(f"{table_md.stem}.claims.json")
+
+
 def pyramid_dir(dataset: str, split: str) -> Path:
     """The precomputed pyramidal ground truth of a split: one {image_id}.npz per image."""
     return RESULTS / "pyramids" / dataset / split

@@ -1,14 +1,14 @@
 """Every claim the tables check, across the three papers: reproduced, contradicted, not told
 apart, or not yet run, with our numbers and the seeds behind each.
 
-The verdicts are the ones the built tables wrote (their `## Claims` sections, see
-segrepro.reporting.tables.verdict_line); a table not built yet, or built before its claims had these
-verdicts, contributes its declared claims as "not yet run", with the command that builds it.
+The verdicts are the ones the table writers stored as data beside each built table
+(results/tables/NAME.claims.json, segrepro.reporting.markdown.claims_document); a table without
+that file (not built yet, or built before its claims were stored) contributes its declared claims as
+"not yet run", with the command that builds it. Nothing is read back from the Markdown.
 """
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +19,9 @@ from segrepro.reporting.markdown import (
     NOT_TOLD_APART,
     PAPER_MARGIN,
     REPRODUCED,
-    parse_claims,
+    escape_cell,
+    fmt_header_value,
+    read_claims,
 )
 from segrepro.reporting.tables import declared_paper_note
 
@@ -31,18 +33,13 @@ RULE = ("Each difference a claim rests on carries a 95 % interval over the test 
         "intervals count the test images only; without per-image statistics the seeds only, and with neither "
         f"a claim stays '{NOT_TOLD_APART}'. '{NOT_DECISIVE}': the paper's own margin is under "
         f"{PAPER_MARGIN:g} mIoU, the usual run-to-run spread of one recipe.")
-_HEADER_LINE = re.compile(r"^- (?P<key>[A-Z][A-Za-z ]*): (?P<value>.*)$")
 LEVEL_MATRIX_CLAIM = "For every assignment level ℓ, the semantic level ℓ' = ℓ has the highest mIoU"
 
 
-def table_header(markdown: str) -> dict[str, str]:
-    """The provenance block a built table starts with ("- Scale: demo" ...), keys lower-case."""
-    header = {}
-    for line in markdown.splitlines()[1:12]:
-        match = _HEADER_LINE.match(line)
-        if match:
-            header[match["key"].lower()] = match["value"]
-    return header
+def built_claims(name: str) -> dict | None:
+    """The claims JSON of a built table (its provenance and judged claims), None if there is none."""
+    path = paths.claims_path(paths.table_path(name))
+    return read_claims(path) if path.exists() else None
 
 
 def build_command(target: Path, scale: str | None) -> str:
@@ -66,14 +63,13 @@ def collect(params, scale: str | None = None) -> list[dict]:
         for name, spec in registry["tables"].items():
             base = {"paper": paper, "table": name, "title": spec["title"]}
             path = paths.table_path(name)
-            markdown = path.read_text() if path.exists() else ""
-            judged = parse_claims(markdown)
-            if judged or (markdown and not declared_claims(spec)):
-                header = table_header(markdown)
-                for claim in judged:
+            built = built_claims(name)
+            if built is not None:
+                seeds = fmt_header_value(built.get("seeds") or [])
+                for claim in built["claims"]:
                     records.append({**base, "claim": claim["claim"], "verdict": claim["verdict"],
-                                    "evidence": claim["evidence"], "paper_note": claim["paper"],
-                                    "seeds": header.get("seeds", "?"), "scale": header.get("scale", "?")})
+                                    "evidence": claim["evidence"], "paper_note": claim["paper_note"],
+                                    "seeds": seeds, "scale": built.get("scale", "?")})
                 continue
             command = build_command(path, scale if scale and scale != default_scale else None)
             # The paper's own numbers are known before anything runs (a plain table's claims).
@@ -109,12 +105,8 @@ def to_markdown(records: list[dict]) -> str:
         for record in mine:
             evidence = record["evidence"] or f"build: `{record['command']}`"
             seeds = f"{record['seeds']} ({record['scale']})" if record["seeds"] else f"– ({record['scale']})"
-            lines.append(f"| {record['table']} | {_cell(record['claim'])} | {record['verdict']} | {_cell(evidence)} "
-                         f"| {seeds} | {_cell(record['paper_note'])} |")
+            lines.append(f"| {record['table']} | {escape_cell(record['claim'])} | {record['verdict']} "
+                         f"| {escape_cell(evidence)} | {seeds} | {escape_cell(record['paper_note'])} |")
     return "\n".join(lines) + "\n"
-
-
-def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|")
 
 

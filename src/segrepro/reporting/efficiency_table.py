@@ -16,11 +16,16 @@ from segrepro.core import paths
 from segrepro.core.errors import SegreproError
 from segrepro.reporting.markdown import (
     CONTRADICTED,
-    MISSING,
     NOT_TOLD_APART,
     REPRODUCED,
-    verdict_line,
-    write_table,
+    claim_line,
+    claim_record,
+    claims_document,
+    escape_cell,
+    fmt_ratio,
+    fmt_sig,
+    pair_record,
+    write_files,
 )
 
 if TYPE_CHECKING:
@@ -60,18 +65,6 @@ def load_record(name: str, path: Path, scale: str) -> dict:
     return record
 
 
-def _fmt(value) -> str:
-    return MISSING if value is None else f"{value:.3g}"
-
-
-def _fmt_ratio(value) -> str:
-    return MISSING if value is None else f"{value:.2f}×"
-
-
-def _cell(text) -> str:
-    return str(text).replace("|", "\\|")
-
-
 def _values(name: str, spec: dict, record: dict) -> tuple[dict, dict]:
     """Ours and the paper's value of every (row id, metric); the paper's may be None."""
     ours, paper = {}, {}
@@ -98,8 +91,9 @@ def _ratio(values: dict, row: str, reference: str, metric: str):
     return None if value is None or base is None else value / base
 
 
-def _judge_claim(claim: dict, ours: dict, paper: dict, labels: dict) -> str:
-    """One Markdown line: the verdict, our numbers, and whether the paper's numbers agree."""
+def _judge_claim(claim: dict, ours: dict, paper: dict, labels: dict) -> dict:
+    """The verdict, our numbers, and whether the paper's numbers agree (markdown.claim_record);
+    its pairs have no interval: the timing noise band decides instead."""
     metric = claim["metric"]
     display, higher_is_better = METRICS[metric]
 
@@ -113,7 +107,7 @@ def _judge_claim(claim: dict, ours: dict, paper: dict, labels: dict) -> str:
         holds = holds and ok
         close = close or abs(x - y) < NOISE * max(x, y)
         relation = (">" if ok else "≤") if higher_is_better else ("<" if ok else "≥")
-        parts.append(f"{labels[b]} {_fmt(x)} {relation} {labels[t]} {_fmt(y)}")
+        parts.append(f"{labels[b]} {fmt_sig(x)} {relation} {labels[t]} {fmt_sig(y)}")
     reported = [(paper[b][metric], paper[t][metric]) for b, t in zip(claim["better"], claim["than"])]
     if any(x is None or y is None for x, y in reported):
         note = "paper's numbers: incomplete"
@@ -122,7 +116,9 @@ def _judge_claim(claim: dict, ours: dict, paper: dict, labels: dict) -> str:
     # The timing's own noise band instead of an interval: within it the rows are not told apart.
     verdict = NOT_TOLD_APART if close else REPRODUCED if holds else CONTRADICTED
     mark = f" [within {NOISE:.0%}, the timing noise]" if close else ""
-    return verdict_line(claim["claim"], verdict, f"{display}: {'; '.join(parts)}{mark}", note)
+    pairs = [pair_record(b, t, metric, ours[b][metric], ours[t][metric]) for b, t in zip(claim["better"], claim["than"])]
+    return claim_record(claim["claim"], verdict, f"{display}: {'; '.join(parts)}{mark}", note, pairs,
+                        basis=["timing noise"], noise=NOISE)
 
 
 def header_lines(name: str, spec: dict, record: dict) -> list[str]:
@@ -181,9 +177,9 @@ def _share_line(shares: list[float]) -> str:
     return line
 
 
-def build_efficiency_table(name: str, spec: dict, record: dict) -> tuple[str, pd.DataFrame]:
+def build_efficiency_table(name: str, spec: dict, record: dict) -> tuple[str, pd.DataFrame, list[dict]]:
     """The Markdown table (paper, ours, and both relative to the reference row, per metric) with
-    its claims, and the CSV's frame."""
+    its claims, the CSV's frame, and the judged claims as data (markdown.claim_record)."""
     check_efficiency_spec(f"table {name!r}", spec)
     metrics = spec["metrics"]
     ours, paper = _values(name, spec, record)
@@ -198,13 +194,13 @@ def build_efficiency_table(name: str, spec: dict, record: dict) -> tuple[str, pd
     records = []
     for row in spec["rows"]:
         key, measured = row["id"], record["rows"][row["id"]]
-        cells = [_cell(row["label"])]
+        cells = [escape_cell(row["label"])]
         entry = {"id": key, "label": row["label"], "experiment": row["experiment"], "head": row.get("head") or "",
                  "resnet_output_stride": row.get("resnet_output_stride") or "", "backbone": measured.get("backbone"),
                  "params_m": measured.get("params_m")}
         for metric in metrics:
             paper_rel, ours_rel = _ratio(paper, key, reference, metric), _ratio(ours, key, reference, metric)
-            cells += [_fmt(paper[key][metric]), _fmt(ours[key][metric]), _fmt_ratio(paper_rel), _fmt_ratio(ours_rel)]
+            cells += [fmt_sig(paper[key][metric]), fmt_sig(ours[key][metric]), fmt_ratio(paper_rel), fmt_ratio(ours_rel)]
             entry.update({f"{metric}_paper": paper[key][metric], f"{metric}_ours": ours[key][metric],
                           f"{metric}_paper_rel": paper_rel, f"{metric}_ours_rel": ours_rel})
         for extra in ("train_mem_allocated_gb", "peak_rss_gb", "rss_before_model_gb"):
@@ -216,18 +212,21 @@ def build_efficiency_table(name: str, spec: dict, record: dict) -> tuple[str, pd
         lines.append("| " + " | ".join(cells) + " |")
 
     text = header_lines(name, spec, record) + ["", *lines, "",
-                                               f"rel.: divided by the row '{_cell(labels[reference])}' of the same"
+                                               f"rel.: divided by the row '{escape_cell(labels[reference])}' of the same"
                                                " device; it is what compares across devices."]
-    claims = spec.get("claims") or []
-    if claims:
-        text += ["", "## Claims", ""] + [_judge_claim(claim, ours, paper, labels) for claim in claims]
+    judged = [_judge_claim(claim, ours, paper, labels) for claim in spec.get("claims") or []]
+    if judged:
+        text += ["", "## Claims", ""] + [claim_line(claim) for claim in judged]
     import pandas as pd  # not at the top: the workflow imports this module while it builds its DAG
 
-    return "\n".join(text) + "\n", pd.DataFrame.from_records(records)
+    return "\n".join(text) + "\n", pd.DataFrame.from_records(records), judged
 
 
 def write_efficiency_table(params, name: str, spec: dict, scale: str, out: Path) -> None:
     """results/tables/NAME.md (and .csv) from results/efficiency/NAME.json."""
     record = load_record(name, paths.efficiency_path(name), scale)
-    text, frame = build_efficiency_table(name, spec, record)
-    write_table(out, text, frame)
+    text, frame, judged = build_efficiency_table(name, spec, record)
+    rule = (f"Measured on one machine, no interval: two figures within {NOISE:.0%} of each other, the timing"
+            " noise, are not told apart.")
+    write_files(out, text, frame, claims_document(name, spec, scale, [], judged, rule if judged else None,
+                                                  device=record["device_name"], commits=[record["commit"]]))

@@ -1,15 +1,19 @@
-"""What every paper table's Markdown shares: number formats, the provenance header, the three
-verdicts of a claim and their Claims lines, and the atomic write of a table with its CSV.
-Torch-free."""
+"""What every table writer shares: number formats, the provenance header, the three verdicts of
+a claim with their Claims lines and their records (the claims as data, NAME.claims.json), and the
+atomic write of a table with its CSV and its claims. Torch-free.
+
+The writers, one per table kind, are segrepro.reporting.tables (rows), segrepro.reporting.saf_report
+(level matrix) and segrepro.reporting.efficiency_table (efficiency), behind tables.write_table."""
 
 from __future__ import annotations
 
+import json
 import math
-import re
 from pathlib import Path
 
 from segrepro.config.table_specs import DEFAULT_CLAIM_METRIC
 from segrepro.core.atomic import write_text
+from segrepro.core.paths import claims_path
 from segrepro.core.errors import SegreproError
 
 MISSING = "–"  # en dash, for a number the paper does not give
@@ -17,8 +21,8 @@ MINUS = "−"  # the real minus sign, so that "−0.45" lines up with "+1.23"
 HEADER_KEYS = ("dataset", "scale", "backbone", "iterations", "seeds")
 
 
-def fmt(value: float) -> str:
-    return MISSING if value is None or math.isnan(value) else f"{value:.2f}"
+def fmt(value: float, digits: int = 2) -> str:
+    return MISSING if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
 def fmt_delta(value: float) -> str:
@@ -28,6 +32,15 @@ def fmt_delta(value: float) -> str:
     if text == "0.00":
         return text  # no sign on a difference that rounds to nothing
     return ("+" if value > 0 else MINUS) + text
+
+
+def fmt_sig(value) -> str:
+    """Three significant digits (a timing or a memory figure)."""
+    return MISSING if value is None else f"{value:.3g}"
+
+
+def fmt_ratio(value) -> str:
+    return MISSING if value is None else f"{value:.2f}×"
 
 
 def fmt_header_value(value) -> str:
@@ -58,10 +71,6 @@ CLAIMS_NOTE = (
     f"on the other side; {NOT_TOLD_APART}: otherwise. A paper's own margin under {PAPER_MARGIN:g} mIoU, the "
     f"usual run-to-run spread of one recipe, is marked {NOT_DECISIVE}."
 )
-_VERDICT_WORDS = "|".join(re.escape(v) for v in VERDICTS)
-_CLAIM_LINE = re.compile(
-    rf"^- (?P<verdict>{_VERDICT_WORDS}): (?P<claim>.*?) — (?P<evidence>.*) \((?P<paper>[^()]*)\)$"
-)
 # Why an interval is weaker than images and seeds together (segrepro.reporting.bootstrap's bases).
 _BASIS_REMARKS = {
     "images": "one seed: the intervals count the test images, not the run-to-run spread",
@@ -88,16 +97,65 @@ def verdict_line(claim: str, verdict: str, evidence: str, paper_note: str) -> st
     return f"- {verdict}: {claim} — {evidence} ({paper_note})"
 
 
-def parse_claims(markdown: str) -> list[dict]:
-    """The judged claims of a built table (its `## Claims` section), as dicts with keys verdict
-    (one of the three), claim, evidence and paper; lines in another form are skipped."""
-    _, found, section = markdown.partition("\n## Claims\n")
-    claims = []
-    for line in section.split("\n## ", 1)[0].splitlines() if found else []:
-        match = _CLAIM_LINE.match(line.strip())
-        if match:
-            claims.append({key: match[key] for key in ("verdict", "claim", "evidence", "paper")})
-    return claims
+def claim_record(claim: str, verdict: str, evidence: str, paper_note: str, pairs: list[dict] | None = None,
+                 **extra) -> dict:
+    """One judged claim as data (an entry of NAME.claims.json): the claim, its verdict, our
+    numbers as the Markdown line words them, what the paper's numbers say, and the pairs of rows
+    it rests on (pair_record)."""
+    if verdict not in VERDICTS:
+        raise ValueError(f"unknown verdict {verdict!r}")
+    return {"claim": claim, "verdict": verdict, "evidence": evidence, "paper_note": paper_note,
+            "pairs": list(pairs or []), **extra}
+
+
+def claim_line(record: dict) -> str:
+    """The Markdown line of a claim record (verdict_line)."""
+    return verdict_line(record["claim"], record["verdict"], record["evidence"], record["paper_note"])
+
+
+def _number(value):
+    # JSON has no NaN: an undefined number is null.
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def pair_record(better: str, than: str, metric: str, ours_better, ours_than, interval=None) -> dict:
+    """One difference a claim rests on: the rows, our values, and Δ = better − than with the
+    half-width of its interval and what the interval counts (segrepro.reporting.bootstrap's basis;
+    None where the claim is judged without one)."""
+    return {"better": better, "than": than, "metric": metric, "ours_better": _number(ours_better),
+            "ours_than": _number(ours_than),
+            "delta": _number(interval.delta if interval is not None else ours_better - ours_than),
+            "half_width": None if interval is None else _number(interval.half_width),
+            "basis": None if interval is None else interval.basis}
+
+
+def claims_document(name: str, spec: dict, scale: str, seeds: list, claims: list[dict], rule: str | None,
+                    **provenance) -> dict:
+    """What NAME.claims.json holds: the table, where its numbers come from, the rule its verdicts
+    follow, and one claim_record per judged claim."""
+    return {"table": name, "title": spec["title"], "kind": spec.get("kind", "rows"), "scale": str(scale),
+            "seeds": list(seeds), **provenance, "rule": rule, "claims": claims}
+
+
+def header_claims_document(name: str, spec: dict, header: dict, claims: list[dict], rule: str | None) -> dict:
+    """The claims JSON of a table built from runs (kinds rows and level_matrix): its header's
+    provenance with the judged claims."""
+    return claims_document(name, spec, header["scale"], header["seeds"], claims, rule,
+                           dataset=header["dataset"], backbone=header["backbone"], iterations=header["iterations"],
+                           commits=header.get("commits", header.get("commit")), paper_note=header.get("note"))
+
+
+def read_claims(path: Path) -> dict:
+    """A NAME.claims.json a table writer wrote; the error names the file."""
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SegreproError(f"{path} is unreadable or not valid JSON: {err} (rebuild its table)") from None
+    if not isinstance(document, dict) or not isinstance(document.get("claims"), list) or not all(
+            isinstance(c, dict) and {"claim", "verdict", "evidence", "paper_note"} <= c.keys() for c in document["claims"]):
+        raise SegreproError(f"{path} holds no list of judged claims (rebuild its table)")
+    return document
 
 
 def paper_note(holds: bool | None, margin: float | None = None, metric: str = DEFAULT_CLAIM_METRIC) -> str:
@@ -160,12 +218,15 @@ def header_lines(name: str, spec: dict, header: dict) -> list[str]:
     return lines
 
 
-def write_table(path_md: Path, text: str, frame) -> None:
-    """Write the Markdown table and its CSV (same name, .csv) atomically.
+def write_files(path_md: Path, text: str, frame, claims: dict | None = None) -> None:
+    """Write the Markdown table, its CSV (same name, .csv) and, for a paper table, its claims as
+    data (NAME.claims.json, claims_document) atomically.
 
-    The CSV goes first and the .md last: the workflow treats the .md as the target, so its
-    presence implies the CSV is complete.
+    The CSV and the claims go first and the .md last: the workflow treats the .md as the target, so
+    its presence implies the other files are complete.
     """
     path_md = Path(path_md)
     write_text(path_md.with_suffix(".csv"), frame.to_csv(index=False, lineterminator="\n"))
+    if claims is not None:
+        write_text(claims_path(path_md), json.dumps(claims, indent=1, ensure_ascii=False) + "\n")
     write_text(path_md, text)

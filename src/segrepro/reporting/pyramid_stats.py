@@ -6,13 +6,12 @@ from the counts segrepro.engine.pyramid_store.pyramid_stats makes of the stored 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from segrepro.reporting.markdown import MISSING, write_table
+from segrepro.reporting.markdown import MISSING, fmt, write_files
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -43,10 +42,6 @@ def _pct(part, whole) -> float:
     return 100.0 * part / whole if whole else float("nan")
 
 
-def _f(value: float) -> str:
-    return MISSING if value is None or math.isnan(value) else f"{value:.1f}"
-
-
 def write_pyramid_stats(stats: dict, out_md) -> None:
     """Write the pyramid statistics (Sec. 1's observation, cf. Sec. 5.5) as Markdown + CSV.
 
@@ -73,8 +68,8 @@ def write_pyramid_stats(stats: dict, out_md) -> None:
     level_md = ["| Level | Stride | Cells | Unity (%) | Mix (%) | Ignore (%) |",
                 "|---|:---:|:---:|:---:|:---:|:---:|"]
     for r in records:
-        level_md.append(f"| {r['level']} | {r['stride']} | {r['count']} | {_f(r['unity_pct'])}"
-                        f" | {_f(r['mix_pct'])} | {_f(r['ignore_pct'])} |")
+        level_md.append(f"| {r['level']} | {r['stride']} | {r['count']} | {fmt(r['unity_pct'], 1)}"
+                        f" | {fmt(r['mix_pct'], 1)} | {fmt(r['ignore_pct'], 1)} |")
 
     def kind_of(name: str) -> str:
         return "" if stuff is None else ("stuff" if name in stuff else "thing")
@@ -106,7 +101,7 @@ def write_pyramid_stats(stats: dict, out_md) -> None:
     class_md = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
     for r, bold in [(r, False) for r in rows] + [(r, True) for r in summary]:
         line = [f"**{r['name']}**" if bold else r["name"], *([r["kind"]] if with_kind else []),
-                str(r["count"]), *(_f(r[f"{c}_pct"]) for c in level_cols), r["median_stride"]]
+                str(r["count"]), *(fmt(r[f"{c}_pct"], 1) for c in level_cols), r["median_stride"]]
         class_md.append("| " + " | ".join(line) + " |")
 
     size = "original size" if index["base_size"] is None else f"long side {index['base_size']}"
@@ -142,4 +137,4 @@ def write_pyramid_stats(stats: dict, out_md) -> None:
     frame = pd.DataFrame.from_records(records + rows + summary)
     for column in ("level", "stride"):  # integers, blank on class rows (not 1.0 / NaN)
         frame[column] = frame[column].astype("Int64")
-    write_table(Path(out_md), "\n".join(text), frame)
+    write_files(Path(out_md), "\n".join(text), frame)

@@ -147,8 +147,8 @@ def _claims_section(records: list[dict]) -> str:
 
 
 def _compare_links(built: dict[str, dict[str, str]]) -> dict[str, str]:
-    """Per built table (name -> its header), the MLflow UI's compare page of the runs behind it;
-    none when tracking is off or no store exists yet (a report never creates one)."""
+    """Per built table (name -> its claims JSON, which holds its scale and seeds), the MLflow UI's
+    compare page of the runs behind it; none when tracking is off or no store exists yet (a report never creates one)."""
     uri = tracking.tracking_uri()
     database = tracking.sqlite_path(uri)
     if not tracking.enabled() or not built or (database is not None and not database.exists()):
@@ -157,7 +157,7 @@ def _compare_links(built: dict[str, dict[str, str]]) -> dict[str, str]:
     base = uri.split("?")[0] if uri.startswith(("http://", "https://")) else LOCAL_UI
     links = {}
     for name, header in built.items():
-        seeds = [int(seed) for seed in header.get("seeds", "").split(", ") if seed.isdigit()] or None
+        seeds = [int(seed) for seed in header.get("seeds") or []] or None
         runs = tracking.table_runs(store, name, scale=header.get("scale"), seeds=seeds)
         if runs:
             links[name] = tracking.compare_url(base, runs[0].info.experiment_id, [run.info.run_id for run in runs])
@@ -166,8 +166,8 @@ def _compare_links(built: dict[str, dict[str, str]]) -> dict[str, str]:
 
 def _tables_section(params, scale: str | None) -> str:
     default_scale = params.workflow["scale"]
-    built = {name: claims.table_header(paths.table_path(name).read_text()) for name in params.table_names()
-             if paths.table_path(name).exists()}
+    built = {name: claims.built_claims(name) for name in params.table_names() if paths.table_path(name).exists()}
+    built = {name: document for name, document in built.items() if document is not None}
     links = _compare_links(built)
     parts = []
     for paper, registry in params.papers.items():

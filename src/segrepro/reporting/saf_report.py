@@ -24,15 +24,18 @@ from segrepro.reporting.markdown import (
     NOT_TOLD_APART,
     REPRODUCED,
     check_header,
+    claim_line,
+    claim_record,
     escape_cell,
     fmt,
     fmt_header_value,
     fmt_interval,
+    header_claims_document,
     header_lines,
+    pair_record,
     paper_note,
-    verdict_line,
     verdict_of,
-    write_table,
+    write_files,
 )
 
 PAPER_STRIDES = (32, 16, 8, 4)  # Table 9 is for L = 4 levels of strides {32, 16, 8, 4} (Sec. 5.1.3)
@@ -85,13 +88,15 @@ def _check_analyses(name: str, analyses: list[dict]) -> tuple[int, ...]:
     return strides
 
 
-def _column_claim(column: int, strides, ours, paper, missing_note: str) -> tuple[str, str]:
-    """(verdict, Markdown line): does semantic level l' = l win column l (Table 9 caption)? The
-    cells have no per-image form: the intervals come from the seeds alone (Welch's t)."""
+def _column_claim(column: int, strides, ours, paper, missing_note: str) -> dict:
+    """Does semantic level l' = l win column l (Table 9 caption)? A claim record
+    (markdown.claim_record) with a pair per other level. The cells have no per-image form: the
+    intervals come from the seeds alone (Welch's t)."""
     L = len(strides)
     head = f"{_lvl(column + 1, strides[column])}: ℓ'={column + 1} has the highest mIoU"
     diag = ours[column][column]
     others = [sem for sem in reversed(range(L)) if sem != column and ours[sem][column] is not None]
+    pairs = []
     if diag is None:
         verdict, intervals = CONTRADICTED, []
         evidence = f"no labelled pixel was assigned to ℓ={column + 1}"
@@ -102,6 +107,8 @@ def _column_claim(column: int, strides, ours, paper, missing_note: str) -> tuple
         # Every other level must lose; shown: the strongest competitor (on a tie the finer row).
         intervals = [welch(ours[sem][column], diag) for sem in others]
         verdict = verdict_of(intervals)
+        pairs = [pair_record(f"ℓ'={column + 1}", f"ℓ'={sem + 1}", "miou", diag[0], ours[sem][column][0], interval)
+                 for sem, interval in zip(others, intervals)]
         rival = max(others, key=lambda sem: ours[sem][column][0])
         evidence = (f"ℓ'={column + 1} {fmt(diag[0])} vs ℓ'={rival + 1} {fmt(ours[rival][column][0])}: "
                     f"{fmt_interval(welch(ours[rival][column], diag))}")
@@ -116,7 +123,7 @@ def _column_claim(column: int, strides, ours, paper, missing_note: str) -> tuple
         else:
             margins = [theirs[column] - theirs[sem] for sem in range(L) if sem != column]
             note = paper_note(all(m > 0 for m in margins), min(margins) if margins else None)
-    return verdict, verdict_line(head, verdict, evidence, note)
+    return claim_record(head, verdict, evidence, note, pairs, basis=sorted({iv.basis for iv in intervals}))
 
 
 def verdict_of_columns(verdicts: list[str]) -> str:
@@ -245,9 +252,9 @@ def write_level_table(name: str, spec: dict, analyses: list[dict], header: dict,
     else:
         missing_note = (f"paper's matrix is for {len(paper_matrix)} levels, strides"
                         f" {', '.join(str(s) for s in paper_strides)}: not comparable")
-    verdicts = [_column_claim(level, strides, ours, paper, missing_note) for level in order]
-    held = sum(verdict == REPRODUCED for verdict, _ in verdicts)
-    overall = verdict_of_columns([verdict for verdict, _ in verdicts])
+    columns = [_column_claim(level, strides, ours, paper, missing_note) for level in order]
+    held = sum(column["verdict"] == REPRODUCED for column in columns)
+    overall = verdict_of_columns([column["verdict"] for column in columns])
     if paper is None:
         paper_overall = missing_note
     elif all(v is not None for row in paper for v in row):
@@ -255,7 +262,11 @@ def write_level_table(name: str, spec: dict, analyses: list[dict], header: dict,
         paper_overall = "paper's numbers agree" if agree else "paper's numbers disagree"
     else:
         paper_overall = "paper's numbers: incomplete"
-    claims = [f"- {overall}: {claim} — {held} of {L} columns ({paper_overall})", *[line for _, line in verdicts]]
+    judged = [claim_record(claim, overall, f"{held} of {L} columns", paper_overall,
+                           [pair for column in columns for pair in column["pairs"]],
+                           basis=sorted({basis for column in columns for basis in column["basis"]})),
+              *columns]
+    claims = [claim_line(record) for record in judged]
 
     # Unity head and assignment shares, per level (same fine -> coarse order).
     tau = analyses[0].get("tau")
@@ -282,7 +293,8 @@ def write_level_table(name: str, spec: dict, analyses: list[dict], header: dict,
     out_md = Path(out_md)
     means = [[None if cell is None else cell[0] for cell in row] for row in ours]
     _plot_matrices(means, paper_cf, strides, paper_strides, out_md.with_suffix(".png"))
-    write_table(out_md, "\n".join(text) + "\n", pd.DataFrame.from_records(records))
+    write_files(out_md, "\n".join(text) + "\n", pd.DataFrame.from_records(records),
+                header_claims_document(name, spec, header, judged, LEVEL_CLAIMS_NOTE))
 
 
 # ----------------------------------------------------------------------------- figures

@@ -35,15 +35,18 @@ from segrepro.reporting.markdown import (
     MISSING,
     basis_remark,
     check_header,
+    claim_line,
+    claim_record,
     escape_cell,
+    header_claims_document,
     fmt,
     fmt_delta,
     fmt_interval,
     header_lines,
+    pair_record,
     paper_note,
-    verdict_line,
     verdict_of,
-    write_table,
+    write_files,
 )
 
 if TYPE_CHECKING:
@@ -141,8 +144,9 @@ def declared_paper_note(spec: dict, claim: dict) -> str:
     return paper_note(all(m > 0 for m in margins), min(margins), metric)
 
 
-def _judge_claim(claim: dict, samples, paper: dict, order: list[str]) -> str:
-    """One Markdown line: the verdict on a claim, our evidence, and what the paper's numbers say."""
+def _judge_claim(claim: dict, samples, paper: dict, order: list[str]) -> dict:
+    """The verdict on a claim, our evidence, what the paper's numbers say, and every pair of rows
+    it rests on with its interval (markdown.claim_record)."""
     metric = claim.get("metric", DEFAULT_CLAIM_METRIC)
     # For a lower-is-better metric "better" is smaller: intervals are oriented by `sign`.
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
@@ -158,7 +162,10 @@ def _judge_claim(claim: dict, samples, paper: dict, order: list[str]) -> str:
         interval = samples.compare(b, t, metric, exact=exact)
         text = (f"{_short_ref(*b.split('@'))} {fmt(samples.mean(b, metric))} vs "
                 f"{_short_ref(*t.split('@'))} {fmt(samples.mean(t, metric))}: {fmt_interval(interval)}")
-        return oriented(interval), text
+        # The pair as data carries Δ = better − than as measured, not oriented by `sign`.
+        data = pair_record(_short_ref(*b.split("@")), _short_ref(*t.split("@")), metric,
+                           samples.mean(b, metric), samples.mean(t, metric), interval)
+        return oriented(interval), text, data
 
     pairs = claim_pairs(claim, order)
     if "best" in claim:
@@ -166,13 +173,13 @@ def _judge_claim(claim: dict, samples, paper: dict, order: list[str]) -> str:
         judged = [comparison(b, t) for b, t in pairs]
         # Shown: the strongest competitor (on a tie the earlier row), and any that contradicts.
         rival = max(others, key=lambda k: sign * samples.mean(k, metric))
-        shown = [text for (interval, text), (_, t) in zip(judged, pairs)
+        shown = [text for (interval, text, _), (_, t) in zip(judged, pairs)
                  if t == rival or interval.half_width is not None and interval.high < 0]
         evidence = "; ".join(shown)
     else:
         judged = [comparison(b, t) for b, t in pairs]
-        evidence = "; ".join(text for _, text in judged)
-    intervals = [interval for interval, _ in judged]
+        evidence = "; ".join(text for _, text, _ in judged)
+    intervals = [interval for interval, _, _ in judged]
 
     if any(theirs[k] is None for pair in pairs for k in pair):
         paper_holds, margin = None, None
@@ -183,7 +190,8 @@ def _judge_claim(claim: dict, samples, paper: dict, order: list[str]) -> str:
     if metric != DEFAULT_CLAIM_METRIC:
         evidence = f"{metric_name(metric)}: {evidence}"
     evidence += basis_remark(intervals)
-    return verdict_line(claim["claim"], verdict_of(intervals), evidence, paper_note(paper_holds, margin, metric))
+    return claim_record(claim["claim"], verdict_of(intervals), evidence, paper_note(paper_holds, margin, metric),
+                        [data for _, _, data in judged], basis=sorted({iv.basis for iv in intervals}))
 
 
 def _flops_lines(spec: dict, counts: dict, paper: dict, order: list[str]) -> list[str]:
@@ -265,8 +273,9 @@ def _absent_notes(results: dict, order: list[str]) -> list[str]:
 
 
 def build_table(name: str, spec: dict, results: dict[str, list[dict]], header: dict,
-                flops: dict | None = None) -> tuple[str, pd.DataFrame]:
-    """Render one paper table as Markdown and as a DataFrame (the CSV beside the .md).
+                flops: dict | None = None) -> tuple[str, pd.DataFrame, list[dict]]:
+    """Render one paper table of kind `rows` as Markdown, as a DataFrame (the CSV beside the .md)
+    and as its judged claims (markdown.claim_record, the claims JSON beside it).
 
     `results` maps row_key(experiment, protocol) to one metric dict per seed (numbers in percent);
     `flops`, for a spec with a `flops` section, the counts of segrepro.measure.flops per experiment.
@@ -344,18 +353,20 @@ def build_table(name: str, spec: dict, results: dict[str, list[dict]], header: d
             raise SegreproError(f"table {name!r} shows computation but no counts were given")
         text += _flops_lines(spec, flops, paper, order)
     claims = spec.get("claims") or []
+    judged_claims = []
     if claims:
         from segrepro.reporting.bootstrap import RowSamples
 
         judged = RowSamples(samples, metrics)
+        judged_claims = [_judge_claim(claim, judged, paper, order) for claim in claims]
         text += ["", "## Claims", "", CLAIMS_NOTE, ""]
-        text += [_judge_claim(claim, judged, paper, order) for claim in claims]
+        text += [claim_line(claim) for claim in judged_claims]
     markdown = "\n".join(text) + "\n"
 
     import pandas as pd
 
     frame = pd.DataFrame.from_records(records)
-    return markdown, frame
+    return markdown, frame, judged_claims
 
 
 def load_metrics(path) -> dict:
@@ -419,18 +430,50 @@ def _load_flops(name: str, path: Path) -> dict:
     return record
 
 
-def write_paper_table(params, name: str, scale: str, dataset: str | None, seeds: list[int], out: Path,
-                      split: str | None = None) -> None:
-    """Collect the metrics files of every (row, seed) of a declared table and write it; `split`
-    overrides the split its rows report (Params.eval_split)."""
-    from segrepro.core import paths
-
+def write_table(params, name: str, scale: str, dataset: str | None, seeds: list[int], out: Path,
+                split: str | None = None) -> None:
+    """The one entry point of the table writers: results/tables/NAME.md with its CSV and its claims
+    (NAME.claims.json), written by the writer of the spec's `kind`: rows (write_rows_table),
+    level_matrix (saf_report.write_level_table) or efficiency (efficiency_table.write_efficiency_table).
+    `split` overrides the split the rows report (Params.eval_split)."""
     paper, spec = params.checked_table(name, scale)
-    if spec.get("kind") == "efficiency":
+    kind = spec.get("kind", "rows")
+    if kind == "efficiency":
         from segrepro.reporting.efficiency_table import write_efficiency_table
 
         write_efficiency_table(params, name, spec, scale, out)
         return
+    runs, results, header, counts = _collect_runs(params, name, paper, spec, scale, dataset, seeds, split)
+    if kind == "level_matrix":
+        from segrepro.reporting.saf_report import write_level_table
+
+        missing = [run for run in runs if "levels" not in run]
+        if missing:
+            raise SegreproError(
+                f"table {name!r}: the metrics of {missing[0]['experiment']} (seed {missing[0]['seed']}) have no "
+                "per-level analysis: only a pyramidal model evaluated single-scale has one"
+            )
+        write_level_table(name, spec, [run["levels"] for run in runs], header, out)
+        return
+    write_rows_table(name, spec, runs, results, header, counts, out)
+
+
+def write_rows_table(name: str, spec: dict, runs: list[dict], results: dict, header: dict, counts: dict,
+                     out: Path) -> None:
+    """A table of kind `rows`: its Markdown, CSV, claims JSON and chart, attached to its runs."""
+    text, frame, judged = build_table(name, spec, results, header, counts)
+    chart = chart_path(out)
+    write_chart(spec["title"], spec["metrics"], frame, chart)
+    write_files(out, text, frame, header_claims_document(name, spec, header, judged, CLAIMS_NOTE if judged else None))
+    _attach_to_runs(name, runs, [Path(out), Path(out).with_suffix(".csv"), chart])
+
+
+def _collect_runs(params, name: str, paper: str, spec: dict, scale: str, dataset: str | None, seeds: list[int],
+                  split: str | None) -> tuple[list[dict], dict, dict, dict]:
+    """The metrics (or submissions) of every (row, seed) of a table built from runs, keyed by row,
+    with the header that states their provenance and the table's computation counts."""
+    from segrepro.core import paths
+
     dataset_name = params.table_dataset(name, scale, dataset)
     split = params.eval_split(name, dataset_name, split)
     counts = _load_flops(name, paths.flops_path(name))["models"] if spec.get("flops") else {}
@@ -468,22 +511,7 @@ def write_paper_table(params, name: str, scale: str, dataset: str | None, seeds:
            " our rows with each other.")
         + (f" {spec['notes'][scale]}" if scale in spec.get("notes", {}) else ""),
     }
-    if spec.get("kind") == "level_matrix":
-        from segrepro.reporting.saf_report import write_level_table
-
-        missing = [run for run in runs if "levels" not in run]
-        if missing:
-            raise SegreproError(
-                f"table {name!r}: the metrics of {missing[0]['experiment']} (seed {missing[0]['seed']}) have no "
-                "per-level analysis: only a pyramidal model evaluated single-scale has one"
-            )
-        write_level_table(name, spec, [run["levels"] for run in runs], header, out)
-        return
-    text, frame = build_table(name, spec, results, header, counts)
-    chart = chart_path(out)
-    write_chart(spec["title"], spec["metrics"], frame, chart)
-    write_table(out, text, frame)
-    _attach_to_runs(name, runs, [Path(out), Path(out).with_suffix(".csv"), chart])
+    return runs, results, header, counts
 
 
 def chart_path(table_md: Path) -> Path:
