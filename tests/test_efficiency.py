@@ -13,6 +13,8 @@ from test_workflow import job_stats, snakemake
 
 from segrepro.config import efficiency_spec
 from segrepro.config.params import load_params
+from segrepro.config.schema import schema_defs
+from segrepro.config.table_specs import check_table_spec
 from segrepro.core import paths
 from segrepro.core.errors import SegreproError
 from segrepro.measure import efficiency
@@ -266,22 +268,39 @@ def broken(spec: dict, change) -> dict:
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda s: s["rows"][1].update(head="aspp"), "row 'ccnet': unknown head 'aspp'"),
-    (lambda s: s["rows"][0].update(resnet_output_stride=8), "row 'hrnet48': 'resnet_output_stride' must be 8 or 32 and needs a 'head'"),
+    # The structure, from the schema's efficiency_table (workflow/schemas/params.schema.yaml):
+    (lambda s: s["rows"][1].update(head="aspp"), "rows.1.head: 'aspp' is not one of ['plain', 'ccnet', 'ocr']"),
+    (lambda s: s["rows"][0].update(resnet_output_stride=8), "rows.0: 'head' is a dependency of 'resnet_output_stride'"),
+    (lambda s: s["rows"][1].update(resnet_output_stride=16), "rows.1.resnet_output_stride: 16 is not one of [8, 32]"),
+    (lambda s: s["rows"][0].update(protocol="ms"), "rows.0.protocol: 'ms' given, 'ss' expected (only the single-scale test pass is timed)"),
+    (lambda s: s["rows"][0]["paper"].update(test_fps=-1), "rows.0.paper.test_fps: -1 is less than or equal to the minimum of 0"),
+    (lambda s: s["rows"][0]["paper"].update(miou=40.0), "rows.0.paper: 'miou' is not one of ['test_fps', 'train_its', 'train_mem_gb']"),
+    (lambda s: s["rows"][0].pop("id"), "rows.0: 'id' is a required property"),
+    (lambda s: s["claims"][0].pop("metric"), "claims.0: 'metric' is a required property"),
+    (lambda s: s["claims"][0].update(best="ours"), "claims.0: 'best' is not allowed here (an efficiency claim compares"),
+    (lambda s: s["efficiency"]["cpu"].update(input_size=100), "efficiency.cpu.input_size: 100 is not a multiple of 32"),
+    (lambda s: s["efficiency"].update(precision="fp16"), "efficiency.precision: 'fp16' is not one of ['fp32', 'bf16']"),
+    (lambda s: s.update(metrics=["miou"]), "metrics.0: 'miou' is not one of ['test_fps', 'train_its', 'train_mem_gb']"),
+    (lambda s: s.update(grid={"rows": ["a"], "columns": ["b"]}), "(top level): 'grid' is not allowed here (an efficiency table has no grid)"),
+    # What refers to other keys, in segrepro.config.efficiency_spec:
     (lambda s: s["rows"][2].update(id="ccnet"), "row 'ccnet': the id must be unique"),
-    (lambda s: s["rows"][0].update(protocol="ms"), "row 'hrnet48': only the single-scale test pass is timed"),
-    (lambda s: s["rows"][0]["paper"].update(test_fps=-1), "row 'hrnet48': paper test_fps is not a positive number"),
     (lambda s: s["claims"][0].update(than=["pspnet"]), "refers to 'pspnet', which is not a row id"),
-    (lambda s: s["claims"][0].pop("metric"), "needs a 'metric' among the table's"),
-    (lambda s: s["efficiency"]["cpu"].update(input_size=100), "efficiency.cpu: positive integers, input_size a multiple of 32"),
+    (lambda s: s.update(metrics=["test_fps", "train_mem_gb"]), "claim 'Our head trains faster than CCNet' needs a 'metric' among the table's"),
+    (lambda s: s["claims"][2].update(than=["ccnet"]), "needs 'better' and 'than' lists of row ids of equal length"),
     (lambda s: s["efficiency"].update(reference="nope"), "efficiency.reference 'nope' is not a row id"),
-    (lambda s: s.update(metrics=["miou"]), "'metrics' must be a non-empty list of test_fps"),
 ])
 def test_bad_spec_is_a_one_line_error(params, change, message):
     _, spec = params.table("table5")
     with pytest.raises(SegreproError) as err:
-        efficiency_spec.check_efficiency_spec("table 'table5'", broken(spec, change))
-    assert message in str(err.value) and "\n" not in str(err.value)
+        check_table_spec("table5", broken(spec, change))
+    assert str(err.value).startswith("table 'table5': ") and message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_enumerations_come_from_the_schema():
+    defs = schema_defs()
+    assert set(efficiency_spec.METRICS) == set(defs["efficiency_metric"]["enum"])
+    assert efficiency_spec.COMPARISON_HEADS == tuple(defs["comparison_head"]["enum"])
+    assert efficiency_spec.MACHINE_KEYS == tuple(defs["efficiency_machine"]["required"])
 
 
 def test_bad_spec_in_params_stops_the_cli(project, edit_params, segrepro):
@@ -291,8 +310,8 @@ def test_bad_spec_in_params_stops_the_cli(project, edit_params, segrepro):
     edit_params("papers/saf.yaml", {"tables": {"tableB": {"rows": rows}}})
     result = segrepro("efficiency", "tableB", "--scale", "tiny")
     assert result.returncode == 1
-    assert result.stderr.strip() == ("segrepro: error: table 'tableB': row 'decoder': 'resnet_output_stride' must be"
-                                     " 8 or 32 and needs a 'head' (SaF's own model has no plain-ResNet extractor)")
+    assert result.stderr.strip() == ("segrepro: error: params/papers/saf.yaml: tables.tableB.rows.2: 'head' is a"
+                                     " dependency of 'resnet_output_stride'")
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import pathlib
 
 import pandas as pd
 import pytest
@@ -219,17 +220,66 @@ def test_unknown_ref_is_an_error():
         build_table("test_table", spec, one_seed(), HEADER)
 
 
-@pytest.mark.parametrize("edit", [
-    lambda s: s["claims"][0]["than"].pop(),
-    lambda s: s["rows"].append(dict(s["rows"][0])),
-    lambda s: s["claims"].append({"claim": "x", "best": "fcn", "metric": "boundary_f"}),
-    lambda s: s.pop("metrics"),
+@pytest.mark.parametrize("edit, message", [
+    # Cross-references, in segrepro.config.table_specs:
+    (lambda s: s["claims"][0]["than"].pop(), "claim 'PSP beats FCN and MS helps' has 2 'better' refs but 1 'than' refs"),
+    (lambda s: s["rows"].append(dict(s["rows"][0])), "row 'fcn@ss' appears twice"),
+    (lambda s: s["claims"].append({"claim": "x", "best": "fcn", "metric": "gmacs"}),
+     "claim 'x' uses metric 'gmacs', not among the table's metrics"),
+    # Structure, from the schema's `table` (workflow/schemas/params.schema.yaml):
+    (lambda s: s["claims"].append({"claim": "x", "best": "fcn", "metric": "boundary_f"}),
+     "claims.2.metric: 'boundary_f' is not one of ['miou', 'pixel_acc', 'mean_acc', 'gmacs', 'score']"),
+    (lambda s: s.pop("metrics"), "(top level): 'metrics' is a required property"),
+    (lambda s: s.update(metrics=["miou", "miou"]), "metrics: ['miou', 'miou'] has non-unique elements"),
+    (lambda s: s.update(metrics=["test_fps"]), "metrics.0: 'test_fps' is not one of"),
+    (lambda s: s.update(kind="grid"), "kind: 'grid' is not one of ['rows', 'level_matrix', 'efficiency']"),
+    (lambda s: s["claims"].append({"claim": "x", "best": "fcn", "better": ["fcn"], "than": ["psp50"]}),
+     "claims.2: 'better' is not allowed here (a claim has either 'best' or 'better' and 'than')"),
+    (lambda s: s["claims"].append({"claim": "x", "better": ["fcn"]}), "claims.2: 'than' is a required property"),
+    (lambda s: s["claims"].append({"claim": "x", "better": ["fcn"], "than": ["ps@p@50"]}), "claims.2.than.0: 'ps@p@50' does not match"),
+    (lambda s: s["rows"][0].update(experiment="fcn@ms"), "rows.0.experiment: 'fcn@ms' does not match"),
+    (lambda s: s["rows"][0].pop("label"), "rows.0: 'label' is a required property"),
+    (lambda s: s["rows"][0].update(head="ocr"), "rows.0: 'head' is not allowed here (efficiency rows only)"),
+    (lambda s: s["rows"][0]["paper"].update(miou="high"), "rows.0.paper.miou: 'high' is not of type 'number', 'null'"),
+    (lambda s: s.update(efficiency={}), "(top level): 'efficiency' is not allowed here"),
 ])
-def test_bad_specs_are_errors(edit):
+def test_bad_specs_are_one_line_errors(edit, message):
     spec = copy.deepcopy(SPEC)
     edit(spec)
-    with pytest.raises(SegreproError, match="test_table"):
+    with pytest.raises(SegreproError) as err:
         check_table_spec("test_table", spec)
+    assert str(err.value).startswith("table 'test_table': ") and message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_spec_error_in_params_names_the_file_and_key(tmp_path):
+    """Loading params/ checks the structure with the paper's file (the schema) and the
+    cross-references after it: both name the file and the table's key."""
+    import shutil
+
+    import yaml
+
+    from segrepro.config.params import load_params
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    shutil.copytree(repo / "params", tmp_path / "params")
+    shutil.copytree(repo / "workflow" / "schemas", tmp_path / "workflow" / "schemas")
+    path = tmp_path / "params" / "papers" / "pspnet.yaml"
+    registry = yaml.safe_load(path.read_text())
+    original = copy.deepcopy(registry)
+    registry["tables"]["pspnet_table2"]["kind"] = "level_matrix"  # several rows: the schema refuses it
+    path.write_text(yaml.safe_dump(registry))
+    with pytest.raises(SegreproError) as err:
+        load_params(tmp_path, workflow={"scale": "tiny"})
+    assert str(err.value).startswith("params/papers/pspnet.yaml: tables.pspnet_table2.rows: ")
+    assert "at most 1 (a level_matrix table analyses exactly one experiment)" in str(err.value)
+    registry = copy.deepcopy(original)
+    registry["tables"]["pspnet_table2"]["claims"][0]["than"][0] = "psp101"  # a row the table lacks
+    path.write_text(yaml.safe_dump(registry))
+    with pytest.raises(SegreproError) as err:
+        load_params(tmp_path, workflow={"scale": "tiny"})
+    assert str(err.value).startswith("params/papers/pspnet.yaml: tables.pspnet_table2: claim ")
+    assert "refers to 'psp101', which is not a row of the table" in str(err.value)
 
 
 def test_real_paper_specs_are_valid():
@@ -288,6 +338,8 @@ def test_level_matrix_spec_needs_one_row_and_a_square_paper_matrix():
     two_rows = dict(spec, paper_matrix=None, rows=spec["rows"] + [{"label": "J", "experiment": "J", "protocol": "ss"}])
     with pytest.raises(SegreproError, match="exactly one experiment"):
         check_table_spec("t9", two_rows)
+    with pytest.raises(SegreproError, match="'grid' is not allowed here \\(a level_matrix table has no grid\\)"):
+        check_table_spec("t9", dict(spec, paper_matrix=None, grid={"rows": ["a"], "columns": ["b"]}))
 
 
 # ----------------------------------------------------------------------------- computation (HFGD Table 9)

@@ -19,10 +19,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import jsonschema
 import yaml
 
 from segrepro.config.families import MODULE_NAMES
+from segrepro.config.schema import validate
 from segrepro.core.errors import SegreproError
 
 PARAMS_DIR = Path("params")
@@ -44,15 +44,6 @@ def read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise SegreproError(f"{path}: expected a mapping at the top level")
     return data
-
-
-def validate(instance: dict, schema: dict, where: str, prefix: str = "") -> None:
-    """Validate against a JSON schema; the first error becomes one line naming the key (under
-    `prefix`, the instance's own key in its file)."""
-    err = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(instance))
-    if err is not None:
-        key = ".".join([prefix] * bool(prefix) + [str(part) for part in err.absolute_path]) or "(top level)"
-        raise SegreproError(f"{where}: {key}: {err.message}")
 
 
 def deep_merge(base: dict, override: dict | None) -> dict:
@@ -369,7 +360,7 @@ def _from_command_line(workflow: dict) -> dict:
 
 def _check_cross_references(params: Params) -> None:
     """What a schema cannot see: table rows naming experiments, claims naming rows, scale datasets."""
-    from segrepro.config.table_specs import check_table_spec
+    from segrepro.config.table_specs import check_table_references
 
     for name, scale in params.scales.items():
         if scale["dataset"] not in params.datasets:
@@ -410,7 +401,8 @@ def _check_cross_references(params: Params) -> None:
                     raise SegreproError(
                         f"params/papers/{paper}.yaml: tables.{table}.dataset.{scale}: unknown dataset '{dataset}'"
                     )
-            check_table_spec(table, spec)
+            # The schema checked the spec's structure with the paper's file; what remains is cross-references.
+            check_table_references(table, spec, f"params/papers/{paper}.yaml: tables.{table}")
         # Per-dataset protocols (`scales: {paper: {datasets: {ade20k: ...}}}`) must name known datasets.
         for key, layer in _scale_layers(registry):
             for dataset in layer.get("datasets", {}):

@@ -1,19 +1,25 @@
 """Table specs (the `tables:` section of a paper's YAML), checked eagerly at DAG-build time so
 that a typo fails before any training. Torch-free: segrepro.config checks every spec on load.
 
+Structure (keys, types, what each `kind` allows) lives in one place, the `table` definition of
+workflow/schemas/params.schema.yaml, with the enumerations the code shares (kinds, metric names,
+test-server formats, comparison heads) in its $defs; this module only adds what a schema cannot
+express: claims naming rows of their table, metrics among the table's, grid cells, unique rows.
+
 A row is one (experiment, test protocol) pair; a claim refers to rows by `experiment` or
-`experiment@protocol`, a bare experiment meaning protocol `ss`. A table of kind `efficiency` has a
-spec of its own (segrepro.config.efficiency_spec).
+`experiment@protocol`, a bare experiment meaning protocol `ss`. A table of kind `efficiency` names
+its rows by `id` (segrepro.config.efficiency_spec).
 """
 
 from __future__ import annotations
 
+from segrepro.config.schema import definition, schema_enum, validate
 from segrepro.core.errors import SegreproError
 
 DEFAULT_PROTOCOL = "ss"
 DEFAULT_CLAIM_METRIC = "miou"
 # The test servers segrepro.engine.submit writes for (its SERVERS; tests/test_submit.py checks they agree).
-TEST_SERVER_FORMATS = ("ade20k_sceneparsing", "cityscapes")
+TEST_SERVER_FORMATS = schema_enum("test_server_format")
 
 
 def row_key(experiment: str, protocol: str) -> str:
@@ -40,106 +46,61 @@ def table_row_keys(spec: dict) -> list[str]:
     return [row_key(row["experiment"], row.get("protocol", DEFAULT_PROTOCOL)) for row in spec["rows"]]
 
 
-def check_table_spec(name: str, spec: dict) -> None:
-    """Validate one table spec eagerly, so a typo fails at DAG-build time and not after training."""
-    where = f"table {name!r}"
+def check_table_spec(name: str, spec: dict, where: str | None = None) -> None:
+    """Validate one table spec: its structure against the schema's `table`, then its cross-references
+    (check_table_references). `where` names it in the error (default: table 'NAME')."""
+    where = where or f"table {name!r}"
     if not isinstance(spec, dict):
         raise SegreproError(f"{where}: the spec must be a mapping, got {type(spec).__name__}")
+    validate(spec, definition("table"), where)
+    check_table_references(name, spec, where)
+
+
+def check_table_references(name: str, spec: dict, where: str | None = None) -> None:
+    """What the schema cannot express, on a spec whose structure it accepted: rows unique, grid
+    cells on the grid, a square paper matrix, claims naming rows of their table with one of its
+    metrics (and no test-server row)."""
+    where = where or f"table {name!r}"
     if spec.get("kind") == "efficiency":
-        from segrepro.config.efficiency_spec import check_efficiency_spec
+        from segrepro.config.efficiency_spec import check_efficiency_references
 
-        check_efficiency_spec(where, spec)
+        check_efficiency_references(where, spec)
         return
-    if not isinstance(spec.get("title"), str) or not spec["title"]:
-        raise SegreproError(f"{where}: missing 'title'")
-    metrics = spec.get("metrics")
-    if not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) for m in metrics):
-        raise SegreproError(f"{where}: 'metrics' must be a non-empty list of metric names")
-    if len(set(metrics)) != len(metrics):
-        raise SegreproError(f"{where}: 'metrics' lists a metric twice: {metrics}")
-
-    rows = spec.get("rows")
-    if not isinstance(rows, list) or not rows:
-        raise SegreproError(f"{where}: 'rows' must be a non-empty list")
+    metrics, rows = spec["metrics"], spec["rows"]
     keys = set()
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise SegreproError(f"{where}: row {i + 1} must be a mapping")
-        for field in ("label", "experiment"):
-            if not isinstance(row.get(field), str) or not row[field]:
-                raise SegreproError(f"{where}: row {i + 1} has no '{field}'")
-        protocol = row.get("protocol", DEFAULT_PROTOCOL)
-        if not isinstance(protocol, str) or not protocol or "@" in protocol or "@" in row["experiment"]:
-            raise SegreproError(f"{where}: row {row['label']!r} has a bad experiment or protocol")
-        key = row_key(row["experiment"], protocol)
+    for row in rows:
+        key = row_key(row["experiment"], row.get("protocol", DEFAULT_PROTOCOL))
         if key in keys:
             # A claim's ref must point at exactly one row.
             raise SegreproError(f"{where}: row {key!r} appears twice")
         keys.add(key)
-        paper = row.get("paper", {}) or {}
-        if not isinstance(paper, dict):
-            raise SegreproError(f"{where}: row {row['label']!r}: 'paper' must be a mapping of metric to number")
-        for metric, value in paper.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise SegreproError(f"{where}: row {row['label']!r}: paper {metric} is not a number: {value!r}")
-        if "test_server" in row:
-            _check_test_server(where, row)
-
     _check_grid(where, spec)
-    server_rows = {table_row_keys({"rows": [row]})[0] for row in rows if is_test_server(row)}
-    if server_rows and (spec.get("grid") or spec.get("flops") or spec.get("kind", "rows") != "rows"):
-        raise SegreproError(f"{where}: test-server rows only go in a plain table (no grid, flops or level_matrix)")
-    if spec.get("kind", "rows") == "level_matrix":
-        if len(rows) != 1:
-            raise SegreproError(f"{where}: a level_matrix table analyses exactly one experiment, got {len(rows)} rows")
-        matrix = spec.get("paper_matrix") or []
-        if any(len(row) != len(matrix) for row in matrix):
-            raise SegreproError(f"{where}: 'paper_matrix' must be square (one row and column per level)")
+    server_rows = {row_key(row["experiment"], row["protocol"]) for row in rows if is_test_server(row)}
+    matrix = spec.get("paper_matrix") or []
+    if any(len(row) != len(matrix) for row in matrix):
+        raise SegreproError(f"{where}: 'paper_matrix' must be square (one row and column per level)")
 
-    claims = spec.get("claims", []) or []
-    if not isinstance(claims, list):
-        raise SegreproError(f"{where}: 'claims' must be a list")
-    for i, claim in enumerate(claims):
-        if not isinstance(claim, dict) or not isinstance(claim.get("claim"), str):
-            raise SegreproError(f"{where}: claim {i + 1} needs a 'claim' text")
+    for claim in spec.get("claims") or []:
         text = claim["claim"]
         metric = claim.get("metric", DEFAULT_CLAIM_METRIC)
         if metric not in metrics:
             raise SegreproError(f"{where}: claim {text!r} uses metric {metric!r}, not among the table's metrics {metrics}")
         if "best" in claim:
-            if "better" in claim or "than" in claim:
-                raise SegreproError(f"{where}: claim {text!r} mixes 'best' with 'better'/'than'")
             if len(rows) < 2:
                 raise SegreproError(f"{where}: claim {text!r} needs at least two rows to pick a best one")
             refs = [claim["best"]]
         else:
-            better, than = claim.get("better"), claim.get("than")
-            if not isinstance(better, list) or not isinstance(than, list) or not better:
-                raise SegreproError(f"{where}: claim {text!r} needs either 'best' or non-empty 'better' and 'than' lists")
-            if len(better) != len(than):
+            if len(claim["better"]) != len(claim["than"]):
                 raise SegreproError(
-                    f"{where}: claim {text!r} has {len(better)} 'better' refs but {len(than)} 'than' refs"
+                    f"{where}: claim {text!r} has {len(claim['better'])} 'better' refs but {len(claim['than'])} 'than' refs"
                 )
-            refs = better + than
+            refs = claim["better"] + claim["than"]
         for ref in refs:
-            try:
-                key = row_key(*parse_ref(ref))
-            except SegreproError as err:
-                raise SegreproError(f"{where}: claim {text!r}: {err}") from None
+            key = row_key(*parse_ref(ref))
             if key not in keys:
                 raise SegreproError(f"{where}: claim {text!r} refers to {ref!r}, which is not a row of the table")
             if key in server_rows:
                 raise SegreproError(f"{where}: claim {text!r} refers to {ref!r}, a test-server row: only the server knows its score")
-
-
-def _check_test_server(where: str, row: dict) -> None:
-    server = row["test_server"]
-    if not isinstance(server, dict) or set(server) != {"name", "url", "format"} or not all(
-            isinstance(v, str) and v for v in server.values()):
-        raise SegreproError(f"{where}: row {row['label']!r}: 'test_server' needs exactly 'name', 'url' and 'format'")
-    if server["format"] not in TEST_SERVER_FORMATS:
-        raise SegreproError(f"{where}: row {row['label']!r}: unknown test-server format {server['format']!r} "
-                            f"(known: {', '.join(TEST_SERVER_FORMATS)})")
 
 
 def _check_grid(where: str, spec: dict) -> None:

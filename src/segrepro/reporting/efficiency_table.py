@@ -11,7 +11,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from segrepro.config.efficiency_spec import MACHINE_KEYS, METRICS, check_efficiency_spec
+from segrepro.config.efficiency_spec import MACHINE_KEYS, METRICS
+from segrepro.config.table_specs import check_table_spec
 from segrepro.core import paths
 from segrepro.core.errors import SegreproError
 from segrepro.reporting.markdown import (
@@ -180,7 +181,7 @@ def _share_line(shares: list[float]) -> str:
 def build_efficiency_table(name: str, spec: dict, record: dict) -> tuple[str, pd.DataFrame, list[dict]]:
     """The Markdown table (paper, ours, and both relative to the reference row, per metric) with
     its claims, the CSV's frame, and the judged claims as data (markdown.claim_record)."""
-    check_efficiency_spec(f"table {name!r}", spec)
+    check_table_spec(name, spec)
     metrics = spec["metrics"]
     ours, paper = _values(name, spec, record)
     labels = {row["id"]: row["label"] for row in spec["rows"]}
