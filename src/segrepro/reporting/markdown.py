@@ -142,7 +142,7 @@ def header_claims_document(name: str, spec: dict, header: dict, claims: list[dic
     provenance with the judged claims."""
     return claims_document(name, spec, header["scale"], header["seeds"], claims, rule,
                            dataset=header["dataset"], backbone=header["backbone"], iterations=header["iterations"],
-                           commits=header.get("commits", header.get("commit")), paper_note=header.get("note"))
+                           commits=header.get("commits", header.get("commit")), note=header.get("note"))
 
 
 def read_claims(path: Path) -> dict:
