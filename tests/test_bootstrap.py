@@ -144,8 +144,8 @@ def test_bootstrap_of_a_large_table_takes_seconds():
 SPEC = {
     "title": "two rows",
     "metrics": ["miou"],
-    "rows": [{"label": "A", "experiment": "a", "paper": {"miou": 40.0}},
-             {"label": "B", "experiment": "b", "paper": {"miou": 40.5}}],
+    "rows": [{"label": "A", "experiment": "a", "protocol": "ss", "paper": {"miou": 40.0}},
+             {"label": "B", "experiment": "b", "protocol": "ss", "paper": {"miou": 40.5}}],
     "claims": [{"claim": "B beats A", "better": ["b"], "than": ["a"]}],
 }
 HEADER = {"dataset": "synthetic-tiny", "scale": "tiny", "backbone": "r", "iterations": 6, "seeds": [0],
