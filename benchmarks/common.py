@@ -19,7 +19,6 @@ import argparse
 import functools
 import json
 import multiprocessing
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -30,8 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from segrepro.config.params import deep_merge, load_params
 from segrepro.core import atomic
+from segrepro.core.devices import pick_device
 from segrepro.core.errors import SegreproError
-from segrepro.core.provenance import cpu_model
 from segrepro.models.factory import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,17 +50,10 @@ def setup(args: argparse.Namespace) -> torch.device:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SegreproError("--device cuda: no CUDA device is available")
     return device
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model and the threads torch uses (what the figures depend on)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def synchronize(device: torch.device) -> None:

@@ -48,7 +48,6 @@ from common import (
     MEMORY_METHOD,
     add_common_arguments,
     build_ours,
-    device_name,
     isolated,
     markdown_table,
     memory_floor,
@@ -62,6 +61,7 @@ from common import (
     write_results,
 )
 
+from segrepro.core.devices import device_name
 from segrepro.engine.train import build_optimizer, train_step
 from segrepro.models.common.losses import masked_cross_entropy
 

@@ -35,7 +35,6 @@ from common import (
     REPO,
     add_common_arguments,
     build_ours,
-    device_name,
     markdown_table,
     our_model_config,
     params,
@@ -46,6 +45,7 @@ from common import (
     write_results,
 )
 
+from segrepro.core.devices import device_name
 from segrepro.core.errors import SegreproError
 from segrepro.data.dataset import load_card, make_train_loader
 from segrepro.engine.train import build_optimizer, train_step

@@ -29,7 +29,6 @@ from common import (
     MEMORY_METHOD,
     add_common_arguments,
     build_ours,
-    device_name,
     isolated,
     markdown_table,
     memory_floor,
@@ -43,6 +42,7 @@ from common import (
 )
 
 from segrepro.core import atomic
+from segrepro.core.devices import device_name
 from segrepro.engine.train import build_optimizer, train_step
 
 NUM_CLASSES = 150  # ADE20K's (SaF's ablation dataset)

@@ -30,7 +30,6 @@ import torch
 from common import (
     add_common_arguments,
     build_ours,
-    device_name,
     markdown_table,
     our_model_config,
     random_batch,
@@ -41,6 +40,7 @@ from common import (
     write_results,
 )
 
+from segrepro.core.devices import device_name
 from segrepro.engine.train import build_optimizer, fast_path, train_step
 
 NUM_CLASSES = 150  # ADE20K (SaF Table 5's setting)

@@ -24,7 +24,8 @@ from conftest import TINY, copy_project, edit_yaml, segrepro_command
 from test_train import tiny_config
 
 from segrepro.core import atomic, paths
-from segrepro.engine.train import CHECKPOINT, COMPLETE, LOCK, LOG, train
+from segrepro.engine.checkpoint import CHECKPOINT, COMPLETE
+from segrepro.engine.train import LOCK, LOG, train
 from segrepro.pipeline import tracking
 
 RUN = ("tiny", TINY, "pspnet", "psp50", 0)
@@ -252,13 +253,13 @@ def test_a_second_trainer_on_a_locked_run_stops_naming_the_holder(project, segre
 # ----------------------------------------------------------------------------- a torn log line
 
 def test_a_torn_last_log_line_is_dropped_and_written_again(project, edit_params, monkeypatch):
-    import segrepro.engine.train as trainer
+    import segrepro.engine.checkpoint as checkpoint
 
     edit_params("scales.yaml", {"tiny": {"train": TRAIN}})
     config = tiny_config()
     # An unbroken run, keeping its checkpoint of iteration 8 (deleted at its end).
-    checkpoints, save = {}, trainer._save
-    monkeypatch.setattr(trainer, "_save", lambda obj, path: (
+    checkpoints, save = {}, checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda obj, path: (
         checkpoints.setdefault(obj.get("iteration"), copy.deepcopy(obj)) if Path(path).name == CHECKPOINT
         else None, save(obj, path)))
     reference = project / "results" / "reference" / "model.pt"

@@ -21,7 +21,8 @@ from segrepro.core import paths
 from segrepro.core.errors import SegreproError
 from segrepro.data.dataset import IterationBatchSampler
 from segrepro.engine import distributed
-from segrepro.engine.train import CHECKPOINT, LOG
+from segrepro.engine.checkpoint import CHECKPOINT
+from segrepro.engine.train import LOG
 from segrepro.pipeline import tracking
 
 RUN = ("train", "--paper", "pspnet", "--experiment", "psp50", "--scale", "tiny", "--threads", "1")

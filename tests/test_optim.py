@@ -13,7 +13,8 @@ from segrepro.config.params import deep_merge, load_params
 from segrepro.core.errors import SegreproError
 from segrepro.data.dataset import load_card
 from segrepro.engine import train as trainer
-from segrepro.engine.train import CHECKPOINT, LOG, build_optimizer, poly_lr, train
+from segrepro.engine.checkpoint import CHECKPOINT
+from segrepro.engine.train import LOG, build_optimizer, poly_lr, train
 from segrepro.models.factory import build_model
 
 ADAMW = {"optimizer": "adamw", "lr": 4e-5, "weight_decay": 0.05, "decay": "kernels", "momentum": 0.9}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from segrepro.config.params import load_params
-from segrepro.core import paths
+from segrepro.core import devices, paths
 from segrepro.core.errors import SegreproError
 from segrepro.pipeline import plan
 
@@ -34,7 +34,7 @@ def write_calibration(rows: list[str]) -> Path:
     """A calibration file of this machine with STEP_SECONDS / WINDOW_SECONDS for the tiny
     pspnet runs of `rows` (experiment IDs)."""
     params = load_params()
-    device = plan.device_name(torch.device("cpu"))
+    device = devices.device_name(torch.device("cpu"))
     entries = {}
     for experiment in rows:
         config = params.resolve("pspnet", experiment, "tiny", None, 0)
@@ -125,7 +125,7 @@ def test_calibrate_writes_an_entry_and_trains_nothing(project, segrepro):
     result = segrepro("calibrate", "--paper", "pspnet", "--experiment", "fcn", "--scale", "tiny",
                       "--steps", "1", "--threads", THREADS)
     assert result.returncode == 0, result.stderr
-    path = plan.calibration_path(plan.device_name(torch.device("cpu")))
+    path = plan.calibration_path(devices.device_name(torch.device("cpu")))
     [entry] = json.loads(path.read_text())["entries"].values()
     assert entry["step_seconds"] > 0 and entry["window_seconds"] > 0
     assert (entry["batch"], entry["batch_measured"], entry["scaled"]) == (2, 2, None)

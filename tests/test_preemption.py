@@ -13,7 +13,8 @@ from conftest import segrepro_command
 from test_train import default_run_dir, logged_iterations, mlflow_client, read_log
 
 from segrepro import cli
-from segrepro.engine.train import CHECKPOINT, PREEMPTED_EXIT
+from segrepro.engine.checkpoint import CHECKPOINT
+from segrepro.engine.train import PREEMPTED_EXIT
 from segrepro.pipeline import tracking
 
 # On the CPU whatever the machine has: the comparison with the unbroken run is bit for bit.

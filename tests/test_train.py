@@ -19,8 +19,9 @@ from segrepro import cli
 from segrepro.config.params import deep_merge, load_params
 from segrepro.core import paths
 from segrepro.data.dataset import IterationBatchSampler, load_card
+from segrepro.engine.checkpoint import CHECKPOINT, COMPLETE
 from segrepro.engine.evaluate import evaluate_run
-from segrepro.engine.train import CHECKPOINT, COMPLETE, LOG, poly_lr, train
+from segrepro.engine.train import LOG, poly_lr, train
 from segrepro.pipeline import tracking
 
 RUN = ("--paper", "pspnet", "--experiment", "psp50", "--scale", "tiny", "--threads", "1")

@@ -362,7 +362,7 @@ def cmd_claims(params: Params, args) -> None:
 
 def cmd_plan(params: Params, args) -> None:
     from segrepro.core import atomic
-    from segrepro.measure.calibration import pick_device
+    from segrepro.core.devices import pick_device
     from segrepro.pipeline.plan import JOB_THREADS, format_plan, make_plan
 
     _set_threads(args.threads or JOB_THREADS)  # timed as the jobs run
@@ -378,11 +378,10 @@ def cmd_plan(params: Params, args) -> None:
 
 
 def cmd_calibrate(params: Params, args) -> None:
+    from segrepro.core.devices import device_name, pick_device
     from segrepro.measure.calibration import (
         calibrate_run,
         calibration_path,
-        device_name,
-        pick_device,
         signature,
         store_calibrations,
     )

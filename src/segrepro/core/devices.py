@@ -1,4 +1,8 @@
-"""Which GPU(s) a job may use, when several jobs share one machine.
+"""The device a job runs on, its name, and which GPU(s) a job may use when several jobs share one
+machine.
+
+`pick_device` is the one place a `--device` becomes a torch device, and `device_name` the one name
+of a device that timings are filed under (calibrations, efficiency records, benchmark figures).
 
 Snakemake's `--resources gpu=N` only counts GPU jobs; it never says which device a job gets
 (it sets no CUDA_VISIBLE_DEVICES). So a CUDA run claims its device(s) itself before torch
@@ -28,6 +32,7 @@ import time
 from pathlib import Path
 
 from segrepro.core.errors import SegreproError
+from segrepro.core.provenance import cpu_model
 
 LOCK_DIR = Path("results") / ".gpu-locks"
 CLAIMED = "SEGREPRO_GPUS_CLAIMED"
@@ -35,6 +40,31 @@ DEFAULT_WAIT = 600.0
 
 # The open lock files of this process: closing one would release its device.
 _held: list = []
+
+
+def pick_device(requested: str | None = None):
+    """`--device` as a torch device: the one asked for, else cuda when one is there, else the CPU."""
+    import torch
+
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(device, threads: bool = True) -> str:
+    """The GPU's name, or the CPU's model and the torch threads a job of this process uses (what a
+    CPU timing depends on). `threads=False`: the CPU's model alone (records that keep the thread
+    count in a field of their own)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = cpu_model()
+    if not threads:
+        return model
+    count = torch.get_num_threads()
+    kind = "" if "cpu" in model.lower() else " CPU"
+    return f"{model}{kind} ({count} thread{'s' * (count != 1)})"
 
 
 def lock_dir() -> Path:

@@ -10,6 +10,10 @@ RESULTS = Path("results")
 REPORT = RESULTS / "report.html"
 TRAIN_LOG = "train_log.jsonl"  # in a run's folder: JSON lines of loss/lr and of the curve's val mIoU
 PROGRESS = "progress.jsonl"  # in a run's folder: its trainer's progress lines (segrepro.pipeline.controller prints them)
+MODEL = "model.pt"  # in a run's folder: the finished model, the train rule's output
+CHECKPOINT = "checkpoint.pt"  # in a run's folder: the resumable state of an unfinished training
+# In a run's folder: the finished model's second name (see segrepro.engine.checkpoint).
+COMPLETE = "complete.pt"
 
 
 CARD = "dataset.yaml"  # a prepared dataset's card, in its root (segrepro.data.dataset reads it)
@@ -29,7 +33,7 @@ def run_dir(scale: str, dataset: str, paper: str, experiment: str, seed: int) ->
 
 
 def model_path(scale, dataset, paper, experiment, seed) -> Path:
-    return run_dir(scale, dataset, paper, experiment, seed) / "model.pt"
+    return run_dir(scale, dataset, paper, experiment, seed) / MODEL
 
 
 def metrics_path(scale, dataset, paper, experiment, seed, protocol, split: str = "val") -> Path:

@@ -13,11 +13,12 @@ import torch
 
 from segrepro.core import atomic, paths
 from segrepro.core import per_image as per_image_counts
+from segrepro.core.devices import pick_device
 from segrepro.core.errors import SegreproError
 from segrepro.core.provenance import git_commit
 from segrepro.data.dataset import SegmentationDataset, load_card
 from segrepro.engine import inference
-from segrepro.engine.train import load_model, pick_device
+from segrepro.engine.checkpoint import load_model
 from segrepro.pipeline import tracking
 
 

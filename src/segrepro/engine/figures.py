@@ -36,7 +36,7 @@ def draw_figure(spec: dict, config: dict, out: Path) -> None:
         class_names = list(metrics["per_class_iou"])
         plot_levels_per_class([metrics["levels"]], class_names, out)
     elif spec["kind"] == "pyramid_example":
-        from segrepro.engine.train import load_model
+        from segrepro.engine.checkpoint import load_model
 
         model, _ = load_model(paths.model_path(*run), device="cpu")
         dataset = SegmentationDataset(config["dataset"]["root"], "val")

@@ -28,11 +28,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from segrepro.core import atomic, paths
+from segrepro.core.devices import pick_device
 from segrepro.core.errors import SegreproError
 from segrepro.core.provenance import git_commit
 from segrepro.data.dataset import SplitImages
 from segrepro.engine import inference
-from segrepro.engine.train import load_model, pick_device
+from segrepro.engine.checkpoint import load_model
 from segrepro.pipeline import tracking
 
 # Cityscapes file names: {city}_{seq:0>6}_{frame:0>6}_... (cityscapesScripts README, "Dataset Structure").

@@ -27,22 +27,18 @@ import torch
 from tqdm import tqdm
 
 from segrepro.core import atomic, paths
+from segrepro.core.devices import pick_device
 from segrepro.core.errors import SegreproError
 from segrepro.core.provenance import config_hash, git_commit, training_config
 from segrepro.data.dataset import SegmentationDataset, crop_pair, load_card, make_train_loader
-from segrepro.engine import distributed
+from segrepro.engine import checkpoint, distributed
+from segrepro.engine.checkpoint import CHECKPOINT, COMPLETE
 from segrepro.engine.metrics import ConfusionMatrix
 from segrepro.models.factory import build_model
 from segrepro.pipeline import tracking
 
-CHECKPOINT = "checkpoint.pt"
 LOG = paths.TRAIN_LOG
 CURVE = "training_curve.png"
-# The finished model's second name (a hard link: no extra disk): Snakemake deletes model.pt when
-# it reruns a job its crashed controller never saw finish (--rerun-incomplete); the rerun's
-# trainer then finds this, made by the same configuration, code and data, and publishes it
-# again in seconds instead of training again.
-COMPLETE = "complete.pt"
 # Held (flock) by the trainer that owns the folder, released by the kernel when it dies;
 # holds "PID <pid> on <host>" for the one-line error of a second trainer.
 LOCK = "trainer.lock"
@@ -102,12 +98,6 @@ def _stop_requests():
 
 def poly_lr(base_lr: float, iteration: int, iterations: int, power: float) -> float:
     return base_lr * (1 - iteration / iterations) ** power
-
-
-def pick_device(requested: str | None = None) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _iteration_seed(seed: int, iteration: int, rank: int = 0) -> int:
@@ -195,25 +185,6 @@ def fast_path(model: torch.nn.Module, fast: dict, device: torch.device) -> torch
     if fast.get("compile", False):
         model = torch.compile(model)
     return model
-
-
-def _load_checkpoint(path: Path, expected_hash: str):
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        print(f"checkpoint {path} is unreadable; starting from iteration 0", file=sys.stderr)
-        return None
-    if state.get("config_hash") != expected_hash:
-        print(f"checkpoint {path} belongs to another configuration; starting from iteration 0",
-              file=sys.stderr)
-        return None
-    return state
-
-
-def _save(obj, path: Path) -> None:
-    atomic.write_with(path, lambda tmp: torch.save(obj, tmp))
 
 
 _held_locks: list = []  # the open lock files of this process (see _ignore_stop_signals)
@@ -332,23 +303,12 @@ def train(config: dict, output: Path, device: str | None = None, tables: list[st
     with _owning(run_dir, ctx):
         card = load_card(config["dataset"]["root"])
         key = job_key(config, card, config_hash(training_config(config)))
-        finished = _finished_record(run_dir, key)
+        finished = checkpoint.finished_record(run_dir, key)
         if finished is None:
             return _train(config, output, ctx, card, key, tables)
         if ctx.main:
             _adopt(config, output, finished, card, tables)
         return finished["summary"]
-
-
-def _finished_record(run_dir: Path, key: str) -> dict | None:
-    path = run_dir / COMPLETE
-    if not path.exists():
-        return None
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return None  # torn or foreign: trained again, and then replaced
-    return record if record.get("job_key") == key else None
 
 
 def _adopt(config: dict, output: Path, record: dict, card: dict, tables) -> None:
@@ -369,8 +329,7 @@ def _adopt(config: dict, output: Path, record: dict, card: dict, tables) -> None
         _replay(mlrun, records)
         mlrun.log_metrics_once({"train_seconds": summary["train_seconds"]}, step=0)
         mlrun.log_artifact(run_dir / CURVE)
-    atomic.link_or_copy(run_dir / COMPLETE, output)
-    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    checkpoint.publish(run_dir, output)
     _Progress(run_dir, name, summary["iterations"], summary["iterations"], state="published")
 
 
@@ -398,7 +357,7 @@ def _train(config: dict, output: Path, ctx, card: dict, key: str, tables) -> dic
     precision = fast.get("precision", "bf16")
 
     start, resumed_window = 0, []
-    state = _load_checkpoint(run_dir / CHECKPOINT, digest)
+    state = checkpoint.load_checkpoint(run_dir, digest)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -479,9 +438,7 @@ def _train(config: dict, output: Path, ctx, card: dict, key: str, tables) -> dic
                 stop_now = distributed.agree_on_stop(stop, ctx)  # every rank stops at the same iteration
                 if (ctx.main and (iteration % settings["checkpoint_every"] == 0 or stop_now)
                         and iteration < iterations):
-                    _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "iteration": iteration, "config_hash": digest, "window": list(window)},
-                          run_dir / CHECKPOINT)
+                    checkpoint.save_checkpoint(run_dir, model, optimizer, iteration, digest, window)
                     mlrun.flush()  # the MLflow run in step with the checkpoint
                 if stop_now and iteration < iterations:
                     raise Preempted(
@@ -500,19 +457,14 @@ def _train(config: dict, output: Path, ctx, card: dict, key: str, tables) -> dic
         mlrun.log_metrics_once({"train_seconds": seconds}, step=0)
         if ctx.main:
             # Written first under its second name: from here on, a rerun never trains again.
-            _save({"model": model.state_dict(), "config": config, "config_hash": digest,
-                   "num_classes": card["num_classes"], "ignore_index": card["ignore_index"],
-                   "class_names": card["class_names"], "summary": summary, "job_key": key},
-                  run_dir / COMPLETE)
+            checkpoint.save_finished(run_dir, model, config, digest, card, summary, key)
             from segrepro.pipeline.train_log import plot_training_curve
 
             plot_training_curve(_read_log(run_dir / LOG), run_dir / CURVE, name)
             mlrun.log_artifact(run_dir / CURVE)
     if ctx.main:
-        # The model appears once its MLflow run is complete; the final model supersedes the
-        # checkpoint (keeping both would double the disk use).
-        atomic.link_or_copy(run_dir / COMPLETE, output)
-        (run_dir / CHECKPOINT).unlink(missing_ok=True)
+        # The model appears once its MLflow run is complete.
+        checkpoint.publish(run_dir, output)
         milestones.write(iterations, "done")
     return summary
 
@@ -598,24 +550,3 @@ def _truncate_log(path: Path, iteration: int) -> None:
         return
     kept = [record for record in _read_log(path) if record["iteration"] <= iteration]
     atomic.write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
-
-
-def load_model(path: Path, device: str | None = None):
-    """The trained model in eval mode, and the record saved with it."""
-    path = Path(path)
-    if not path.exists():
-        raise SegreproError(f"{path}: trained model not found")
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise SegreproError(f"{path}: not a readable model file ({type(err).__name__})") from None
-    model = build_model(_without_pretrained(record["config"]["model"]), record["num_classes"],
-                        record["ignore_index"])
-    model.load_state_dict(record["model"])
-    return model.to(pick_device(device)).eval(), record
-
-
-def _without_pretrained(model_config: dict) -> dict:
-    # The trained weights replace the initial ones: no need to fetch ImageNet weights again.
-    backbone = dict(model_config["backbone"], pretrained=False)
-    return dict(model_config, backbone=backbone)

@@ -19,27 +19,17 @@ from datetime import date
 from pathlib import Path
 
 from segrepro.core import atomic, paths
+from segrepro.core.devices import device_name
 from segrepro.core.errors import SegreproError
-from segrepro.core.provenance import config_hash, cpu_model
+from segrepro.core.provenance import config_hash
 from segrepro.data.dataset import crop_pair
+from segrepro.models.factory import build_model, without_pretrained
 
 CALIBRATION_DIR = paths.RESULTS / "calibration"
 WARMUP_STEPS = 2
 # On a CPU a paper-scale batch (16 crops of 512x512) does not fit a small machine's memory: the
 # calibration measures at most this many pixels per batch and scales the step time linearly.
 CPU_BATCH_PIXELS = 2 * 512 * 512
-
-
-def device_name(device) -> str:
-    """The GPU's name, or the CPU's model and the torch threads a job of this process uses."""
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = cpu_model()
-    threads = torch.get_num_threads()
-    kind = "" if "cpu" in model.lower() else " CPU"
-    return f"{model}{kind} ({threads} thread{'s' * (threads != 1)})"
 
 
 def machine_load(threads: int) -> dict:
@@ -64,17 +54,13 @@ def calibration_path(device: str) -> Path:
     return CALIBRATION_DIR / f"{slug}.json"
 
 
-def _without_pretrained(model_config: dict) -> dict:
-    # Calibration measures speed: the initial weights do not matter and need no download.
-    return dict(model_config, backbone=dict(model_config["backbone"], pretrained=False))
-
-
 def signature(config: dict, classes: int, device: str) -> str:
     """What a run's step and window times depend on: its model (pretrained or not), crop, batch,
     processes, optimizer, class count, fast path, evaluation crop, and the device."""
     settings = config["train"]
     return config_hash({
-        "model": _without_pretrained(config["model"]), "crop": settings["crop_size"],
+        # Calibration measures speed: the initial weights do not matter.
+        "model": without_pretrained(config["model"]), "crop": settings["crop_size"],
         "batch": settings["batch_size"], "processes": settings.get("processes", 1),
         "optimizer": settings.get("optimizer", "sgd"), "num_classes": classes,
         "fast": settings.get("fast", {}), "eval_crop": config["eval"]["crop_size"], "device": device,
@@ -100,7 +86,6 @@ def calibrate_run(config: dict, classes: int, device, steps: int, batch: int | N
     import torch
 
     from segrepro.engine.train import build_optimizer, fast_path, train_step
-    from segrepro.models.factory import build_model
 
     if steps < 1:
         raise SegreproError(f"--steps {steps}: at least one timed step is needed")
@@ -116,7 +101,7 @@ def calibrate_run(config: dict, classes: int, device, steps: int, batch: int | N
 
     load = machine_load(torch.get_num_threads())
     torch.manual_seed(0)
-    model = build_model(_without_pretrained(config["model"]), classes).to(device)
+    model = build_model(without_pretrained(config["model"]), classes).to(device)
     optimizer = build_optimizer(model, settings)
     forward = fast_path(model, fast, device)
     generator = torch.Generator().manual_seed(0)
@@ -201,9 +186,3 @@ def store_calibrations(path: Path, device: str, entries: dict) -> None:
     with _locked(path):
         merged = read_calibrations(path) | entries
         atomic.write_text(path, json.dumps({"device": device, "entries": merged}, indent=1) + "\n")
-
-
-def pick_device(requested: str | None):
-    from segrepro.engine.train import pick_device as trainer_device
-
-    return trainer_device(requested)

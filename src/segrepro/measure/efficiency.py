@@ -20,6 +20,7 @@ import time
 from segrepro.config.efficiency_spec import model_scale
 from segrepro.core.errors import SegreproError
 from segrepro.core.provenance import git_commit
+from segrepro.models.factory import without_pretrained
 
 PROBE = "segrepro.measure.efficiency_probe"
 
@@ -43,7 +44,7 @@ def row_jobs(params, name: str, scale: str, device: str, threads: int | None) ->
     jobs = {}
     for row in spec["rows"]:
         config = params.resolve(paper, row["experiment"], models_at)
-        model = dict(config["model"], backbone=dict(config["model"]["backbone"], pretrained=False))
+        model = without_pretrained(config["model"])
         jobs[row["id"]] = {
             "model": model, "head": row.get("head"), "resnet_output_stride": row.get("resnet_output_stride"),
             "num_classes": settings["num_classes"], "batch_size": settings["batch_size"],

@@ -23,8 +23,8 @@ import time
 
 import torch
 
+from segrepro.core.devices import device_name
 from segrepro.core.errors import SegreproError
-from segrepro.core.provenance import cpu_model
 from segrepro.engine.train import build_optimizer, train_step
 from segrepro.models.factory import build_model
 from segrepro.models.saf.context_heads import build_comparison_model
@@ -44,12 +44,6 @@ def peak_rss_gb() -> float:
     """This process's peak resident set size so far (ru_maxrss: kilobytes on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / GB if sys.platform == "darwin" else peak * 1024 / GB
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return cpu_model()
 
 
 def _seconds(run, repeats: int, device: torch.device) -> tuple[float, float]:
@@ -110,7 +104,7 @@ def measure(job: dict) -> dict:
     train_seconds, train_cpu_seconds = _seconds(step, job["train_steps"], device)
 
     result = {
-        "device_name": device_name(device),
+        "device_name": device_name(device, threads=False),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,

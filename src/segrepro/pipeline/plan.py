@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 
 from segrepro.config.params import Params
 from segrepro.core import paths
+from segrepro.core.devices import device_name
 from segrepro.core.errors import SegreproError
 from segrepro.core.provenance import config_hash, training_config
 from segrepro.data.dataset import crop_pair
 from segrepro.measure.calibration import (
     calibrate_run,
     calibration_path,
-    device_name,
     load_note,
     machine_load,
     read_calibrations,
@@ -298,16 +298,12 @@ def _run_of(job: Job) -> tuple:
 def resumed_iteration(config: dict, run: tuple) -> int:
     """The iteration a training resumes from: its checkpoint's, if one of this configuration
     is there (segrepro.engine.train writes it every checkpoint_every iterations)."""
-    checkpoint = paths.run_dir(*run) / "checkpoint.pt"
-    if not checkpoint.exists():
-        return 0
-    import torch
+    run_dir = paths.run_dir(*run)
+    if not (run_dir / paths.CHECKPOINT).exists():
+        return 0  # without loading torch
+    from segrepro.engine.checkpoint import resume_iteration
 
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return 0  # the trainer starts over from an unreadable one too
-    return int(state["iteration"]) if state.get("config_hash") == config_hash(training_config(config)) else 0
+    return resume_iteration(run_dir, config_hash(training_config(config)))
 
 
 def job_gpus(params: Params, scale: str, stage: str, config: dict) -> int:

@@ -21,6 +21,7 @@ import yaml
 
 from segrepro.core import paths
 from segrepro.core.atomic import write_text
+from segrepro.core.devices import device_name
 from segrepro.core.provenance import cpu_model, git_commit
 from segrepro.pipeline import tracking
 from segrepro.reporting import claims
@@ -45,7 +46,7 @@ def environment() -> dict[str, str]:
 
     env = {"python": platform.python_version(), "platform": platform.platform(),
            "cpu": cpu_model(), "cpu cores": str(os.cpu_count())}
-    env["gpus"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"
+    env["gpus"] = ", ".join(device_name(torch.device("cuda", i)) for i in range(torch.cuda.device_count())) or "none"
     for package in PACKAGES:
         try:
             env[package] = importlib.metadata.version(package)
