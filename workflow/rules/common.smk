@@ -40,7 +40,7 @@ LOCAL_SOURCES = PARAMS.workflow["sources"]  # dataset -> an extracted copy of it
 
 ID = r"[A-Za-z0-9_]+"
 # The wildcards of one run: segrepro.core.paths' functions called with them give the rules' output
-# patterns, so the CLI, the table writer and the rules share one definition of every file name.
+# and log patterns, so the CLI, the table writer and the rules share one definition of every file name.
 RUN = ("{scale}", "{dataset}", "{paper}", "{experiment}", "{seed}")
 MODEL = str(paths.model_path(*RUN))
 

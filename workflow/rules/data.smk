@@ -7,7 +7,7 @@ rule download:
     conda:
         "../envs/segrepro.yaml"
     log:
-        "logs/download/{archive}.log",
+        str(paths.log_path("download", "{archive}")),
     shell:
         "segrepro download {wildcards.archive} > {log} 2>&1"
 
@@ -28,6 +28,6 @@ rule prepare_dataset:
     conda:
         "../envs/segrepro.yaml"
     log:
-        "logs/prepare/{dataset}.log",
+        str(paths.log_path("prepare", "{dataset}")),
     shell:
         "segrepro prepare {wildcards.dataset} {params.source} > {log} 2>&1"

@@ -13,7 +13,7 @@ rule figure:
     conda:
         "../envs/segrepro.yaml"
     log:
-        "logs/figures/{figure}.log",
+        str(paths.log_path("figures", "{figure}")),
     shell:
         "segrepro figure {wildcards.figure} --scale {params.scale} {params.dataset_option}"
         " --seed {params.seed} --out {output} > {log} 2>&1"

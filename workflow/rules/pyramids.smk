@@ -11,7 +11,7 @@ rule pyramids:
     conda:
         "../envs/segrepro.yaml"
     log:
-        "logs/pyramids/{dataset}/{split}.log",
+        str(paths.log_path("pyramids", "{dataset}", "{split}")),
     shell:
         "segrepro pyramids {wildcards.dataset} --split {wildcards.split} --scale {params.scale}"
         " --out {output} > {log} 2>&1"
@@ -31,6 +31,6 @@ rule pyramid_stats:
     conda:
         "../envs/segrepro.yaml"
     log:
-        "logs/tables/pyramid_stats.log",
+        str(paths.log_path("tables", "pyramid_stats")),
     shell:
         "segrepro pyramid-stats {params.dataset} --split val --out {output} > {log} 2>&1"

@@ -17,6 +17,6 @@ rule report:
     conda:
         "../envs/segrepro.yaml"
     log:
-        "logs/report.log",
+        str(paths.log_path("report")),
     shell:
         "segrepro report --scale {params.scale} --seeds {params.seeds} --out {output} > {log} 2>&1"

@@ -20,7 +20,7 @@ rule submit:
     conda:
         "../envs/segrepro.yaml"
     log:
-        "logs/submit/{scale}/{dataset}/{paper}/{experiment}/seed{seed}_{protocol}.log",
+        str(paths.run_log_path("submit", *RUN, "_{protocol}")),
     shell:
         "segrepro submit --paper {wildcards.paper} --experiment {wildcards.experiment}"
         " --scale {wildcards.scale} --dataset {wildcards.dataset} --seed {wildcards.seed}"

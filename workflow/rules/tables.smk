@@ -19,7 +19,7 @@ rule table:
     conda:
         "../envs/segrepro.yaml"
     log:
-        "logs/tables/{table}.log",
+        str(paths.log_path("tables", "{table}")),
     shell:
         "segrepro table {wildcards.table} --scale {params.scale} {params.dataset_option} {params.split_option}"
         " --seeds {params.seeds} --out {output.md} > {log} 2>&1"
@@ -37,7 +37,7 @@ rule flops:
     conda:
         "../envs/segrepro.yaml"
     log:
-        "logs/flops/{table}.log",
+        str(paths.log_path("flops", "{table}")),
     shell:
         "segrepro flops {wildcards.table} --out {output} > {log} 2>&1"
 
@@ -61,7 +61,7 @@ rule efficiency:
     conda:
         "../envs/segrepro.yaml"
     log:
-        "logs/efficiency/{table}.log",
+        str(paths.log_path("efficiency", "{table}")),
     shell:
         "segrepro efficiency {wildcards.table} --scale {params.scale} --threads {threads}"
         " --out {output} > {log} 2>&1"

@@ -16,7 +16,7 @@ rule train:
     conda:
         "../envs/segrepro.yaml"
     log:
-        "logs/train/{scale}/{dataset}/{paper}/{experiment}/seed{seed}.log",
+        str(paths.run_log_path("train", *RUN)),
     shell:
         "segrepro train --paper {wildcards.paper} --experiment {wildcards.experiment}"
         " --scale {wildcards.scale} --dataset {wildcards.dataset} --seed {wildcards.seed}"

@@ -86,6 +86,21 @@ def flops_path(table: str) -> Path:
     return RESULTS / "flops" / f"{table}.json"
 
 
+LOGS = Path("logs")  # the workflow jobs' logs: each job's stdout and stderr
+
+
+def log_path(*parts: str) -> Path:
+    """A workflow job's log: logs/PART/.../LAST.log (e.g. ("tables", "table8"): logs/tables/table8.log)."""
+    *folders, name = parts
+    return LOGS.joinpath(*folders) / f"{name}.log"
+
+
+def run_log_path(stage: str, scale, dataset, paper, experiment, seed, job: str = "") -> Path:
+    """The log of a STAGE job on one run: logs/STAGE/SCALE/DATASET/PAPER/EXPERIMENT/seedSEED{job}.log,
+    `job` telling a run's several jobs of one stage apart ("/ss": seedSEED/ss.log)."""
+    return log_path(stage, scale, dataset, paper, experiment, f"seed{seed}{job}")
+
+
 def efficiency_path(table: str) -> Path:
     """The measurements of an efficiency table's rows (segrepro.measure.efficiency)."""
     return RESULTS / "efficiency" / f"{table}.json"
