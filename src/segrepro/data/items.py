@@ -13,8 +13,6 @@ import numpy as np
 
 from segrepro.core.errors import SegreproError, one_line
 
-IGNORE_INDEX = 255
-
 
 def label_table(mapping: dict[int, int], size: int = 256) -> np.ndarray:
     """Lookup table source value -> class index (255 = ignore); -1 marks a value the source

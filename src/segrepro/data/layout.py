@@ -11,6 +11,8 @@ from segrepro.core.errors import SegreproError
 from segrepro.core.paths import CARD
 
 LAYOUT_ENTRIES = {CARD, "images", "labels", "splits"}
+# The label value every prepared dataset writes for "not evaluated" (the card's ignore_index).
+IGNORE_INDEX = 255
 
 
 def check_replaceable(root: Path) -> None:

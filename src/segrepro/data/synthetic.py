@@ -29,7 +29,7 @@ from PIL import Image
 from segrepro.core import atomic
 from segrepro.core.errors import SegreproError
 from segrepro.core.paths import CARD
-from segrepro.data.layout import check_replaceable
+from segrepro.data.layout import IGNORE_INDEX, check_replaceable
 
 CLASS_NAMES = (
     "sky", "building", "road", "sidewalk", "water", "grass", "tree",
@@ -38,7 +38,6 @@ CLASS_NAMES = (
 (SKY, BUILDING, ROAD, SIDEWALK, WATER, GRASS, TREE,
  CAR, BOAT, PERSON, POLE, SIGN, BUOY) = range(len(CLASS_NAMES))
 STUFF_CLASSES = (SKY, BUILDING, ROAD, SIDEWALK, WATER, GRASS, TREE)
-IGNORE_INDEX = 255
 # Bump when the drawing changes, so a card tells which generator made the files.
 GENERATOR_VERSION = 1
 SPLIT_CODES = {"train": 0, "val": 1}

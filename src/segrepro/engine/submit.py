@@ -15,11 +15,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import re
 import sys
 import zipfile
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,98 +28,14 @@ from segrepro.core import atomic, paths
 from segrepro.core.devices import pick_device
 from segrepro.core.errors import SegreproError
 from segrepro.core.provenance import git_commit
+from segrepro.data import cityscapes
 from segrepro.data.dataset import SplitImages
+from segrepro.data.test_servers import server
 from segrepro.engine import inference
 from segrepro.engine.checkpoint import load_model
 from segrepro.pipeline import tracking
 
-# Cityscapes file names: {city}_{seq:0>6}_{frame:0>6}_... (cityscapesScripts README, "Dataset Structure").
-CITYSCAPES_FRAME = re.compile(r"^([a-z]+)_(\d{6})_(\d{6})(?:_|$)")
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member times: the same predictions give the same bytes
-
-
-@dataclass(frozen=True)
-class Server:
-    """One benchmark's submission format."""
-
-    benchmark: str
-    url: str
-    values: str                                  # what a pixel value means, for the README
-    encode: Callable[[np.ndarray, int], np.ndarray]    # (class indices HxW uint8, num_classes) -> PNG values
-    file_name: Callable[[str, bool], str]        # (image id, stand-in) -> the PNG's name in the zip
-
-
-def _ade20k_encode(pred: np.ndarray, num_classes: int) -> np.ndarray:
-    # CSAILVision/sceneparsing README: masks hold 0..150, 0 = "other objects" (not evaluated); a
-    # prediction has the annotation's format, so class k (0-based, reduce_zero_label) is k + 1
-    # (as mmseg's ADE20KDataset.results2img writes it for the server).
-    if num_classes > 254:
-        raise SegreproError(f"the ADE20K format stores class + 1 in 8 bits: {num_classes} classes do not fit")
-    return (pred + 1).astype(np.uint8)
-
-
-def _ade20k_name(image_id: str, stand_in: bool) -> str:
-    # The README: the mask of ADE_test_00000001.jpg is ADE_test_00000001.png.
-    return f"{image_id}.png"
-
-
-def cityscapes_train_to_label() -> np.ndarray:
-    """Lookup table trainId -> labelId (uint8, 19 entries), the inverse of the converter's
-    CITYSCAPES_LABEL_TO_TRAIN (cityscapesScripts helpers/labels.py)."""
-    from segrepro.data.convert import CITYSCAPES_LABEL_TO_TRAIN
-
-    pairs = {int(label): int(train) for label, train in CITYSCAPES_LABEL_TO_TRAIN.items() if int(train) != 255}
-    trains = sorted(pairs.values())
-    if trains != list(range(len(trains))):
-        raise SegreproError(f"segrepro.data.convert.CITYSCAPES_LABEL_TO_TRAIN: train ids {trains} are not 0..N-1, once each")
-    table = np.zeros(len(trains), np.uint8)
-    for label, train in pairs.items():
-        table[train] = label
-    return table
-
-
-def _cityscapes_encode(pred: np.ndarray, num_classes: int) -> np.ndarray:
-    # evalPixelLevelSemanticLabeling.py: "pixels encode the class IDs as defined in labels.py ... the
-    # regular ID is used, not the train ID".
-    table = cityscapes_train_to_label()
-    if num_classes > len(table):
-        raise SegreproError(f"the Cityscapes format maps {len(table)} train ids to label ids; the model has {num_classes} classes")
-    return table[pred]
-
-
-def _cityscapes_name(image_id: str, stand_in: bool) -> str:
-    # evalPixelLevelSemanticLabeling.getPrediction: the prediction of <city>_<seq>_<frame> is the one
-    # file anywhere in the upload matching "<city>_<seq>_<frame>*.png".
-    match = CITYSCAPES_FRAME.match(image_id)
-    if match:
-        return f"{match.group(1)}_{match.group(2)}_{match.group(3)}.png"
-    if stand_in:
-        return f"{image_id}.png"  # a stand-in split (synthetic val) has no Cityscapes names
-    raise SegreproError(f"image id {image_id!r} does not start with <city>_<seq>_<frame> (e.g. berlin_000000_000019)")
-
-
-SERVERS = {
-    "ade20k_sceneparsing": Server(
-        benchmark="MIT Scene Parsing Benchmark (ADE20K test)",
-        url="http://sceneparsing.csail.mit.edu/",
-        values="class index + 1 (ADE20K's 150 classes: 1..150); 0 ('other objects') is never predicted",
-        encode=_ade20k_encode,
-        file_name=_ade20k_name,
-    ),
-    "cityscapes": Server(
-        benchmark="Cityscapes pixel-level semantic labeling (test)",
-        url="https://www.cityscapes-dataset.com/submit/",
-        values="Cityscapes labelIds (labels.py 'id', not the trainId the model predicts)",
-        encode=_cityscapes_encode,
-        file_name=_cityscapes_name,
-    ),
-}
-
-
-def server(name: str) -> Server:
-    if name not in SERVERS:
-        raise SegreproError(f"unknown test-server format '{name}' (known: {', '.join(SERVERS)})")
-    return SERVERS[name]
 
 
 def default_split(card: dict) -> str:
@@ -159,7 +72,7 @@ def _predictions(model, images: SplitImages, protocol: dict, settings: dict, dev
 def write_submission(config: dict, model_path: Path, split: str, output_zip: Path, server_name: str,
                      protocol: str = "ms", device: str | None = None) -> dict:
     """Predict every image of the dataset's `split` with the run's test `protocol` and write the
-    zip for the server `server_name` (a key of SERVERS) to `output_zip`, atomically: a failure
+    zip for the server `server_name` (a key of segrepro.data.test_servers.SERVERS) to `output_zip`, atomically: a failure
     leaves no zip. Writes README.txt beside it, tags the model's MLflow run with the zip's path, and
     returns the manifest (also the zip's archive comment)."""
     fmt = server(server_name)
@@ -182,7 +95,7 @@ def write_submission(config: dict, model_path: Path, split: str, output_zip: Pat
     if num_classes != int(images.card["num_classes"]):
         raise SegreproError(f"{model_path}: trained for {num_classes} classes, dataset "
                             f"{config['dataset']['name']} has {images.card['num_classes']}")
-    if server_name == "cityscapes" and not stand_in and num_classes != len(cityscapes_train_to_label()):
+    if server_name == "cityscapes" and not stand_in and num_classes != len(cityscapes.train_to_label()):
         raise SegreproError(f"{model_path}: a Cityscapes submission needs the 19 train ids, the model has {num_classes} classes")
 
     manifest = {

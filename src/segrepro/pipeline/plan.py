@@ -173,7 +173,7 @@ def num_classes(params: Params, dataset: str) -> int:
     card = _card(dataset)
     if card is not None:
         return int(card["num_classes"])
-    from segrepro.data import convert, synthetic
+    from segrepro.data import cityscapes, convert, synthetic
 
     declaration = params.dataset(dataset)
     kind = declaration["kind"]
@@ -183,7 +183,7 @@ def num_classes(params: Params, dataset: str) -> int:
         return int(declaration["classes"])
     names = {"synthetic": synthetic.CLASS_NAMES, "ade20k": convert.ADE20K_CLASSES,
              "cocostuff10k": convert.COCOSTUFF_CLASSES, "cocostuff164k": convert.COCOSTUFF_CLASSES,
-             "cityscapes": convert.CITYSCAPES_CLASSES, "camvid": convert.CAMVID_CLASSES}
+             "cityscapes": cityscapes.CLASSES, "camvid": convert.CAMVID_CLASSES}
     return len(names[kind])
 
 
