@@ -15,14 +15,34 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def run_benchmark(name: str, out, *args: str, timeout: float = 300) -> dict:
-    """Run benchmarks/NAME.py --quick --out OUT on the CPU; return its JSON figures."""
+    """Run benchmarks/NAME.py --quick --out OUT on the CPU; return its JSON figures, after checking
+    that it wrote OUT/NAME.json and OUT/NAME.md (one table, one title) and nothing else but what
+    the benchmark names (scaling's PNG)."""
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--quick", "--device", "cpu", "--out", str(out), *args],
         capture_output=True, text=True, timeout=timeout, check=False, cwd=REPO,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (out / f"{name}.md").read_text().startswith("# ")
-    return json.loads((out / f"{name}.json").read_text())
+    markdown = (out / f"{name}.md").read_text()
+    assert markdown.startswith("# ") and markdown.count("\n# ") == 0, markdown  # one title: replaced, not appended
+    assert "|---" in markdown
+    assert {p.name for p in out.iterdir()} <= {f"{name}.json", f"{name}.md", f"{name}.png"}
+    record = json.loads((out / f"{name}.json").read_text())
+    assert record["benchmark"] == name
+    return record
+
+
+def test_figures_are_replaced_on_each_run_never_appended(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from common import write_results
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    write_results(tmp_path / "new", "bench", {"run": 1}, "# first\n\n| a |\n|---|\n| 1 |")
+    json_path, md_path = write_results(tmp_path / "new", "bench", {"run": 2}, "# second")
+    assert json.loads(json_path.read_text()) == {"run": 2}
+    assert md_path.read_text() == "# second\n"
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["bench.json", "bench.md"]  # no temporaries left
 
 
 def positive(value) -> bool:
@@ -92,3 +112,17 @@ def test_pipeline_overheads_and_loader_ratio(tmp_path):
     for ratio in record["loader_vs_training"].values():
         assert all(positive(ratio[f"{w}_workers"]) for w in (0, 1, 2))
         assert 0 < ratio["inline_share"] < 1
+
+
+def test_pyramid_gt_times_both_dtypes_against_the_one_read_bound(tmp_path):
+    record = run_benchmark("pyramid_gt", tmp_path)
+    assert (record["settings"]["batch"], record["settings"]["size"]) == (2, 64)
+    assert set(record["inputs"]) == {"uint8", "int64"}
+    for figures in record["inputs"].values():
+        timing = figures["pyramid_targets_s"]
+        assert positive(timing["min"]) and timing["min"] <= timing["median"]
+        assert positive(figures["five_d_s"]) and positive(figures["bound_s"])
+        # label maps/s is batch / best time, the ratio best time / bound time
+        assert math.isclose(figures["label_maps_per_s"], 2 / timing["min"])
+        assert math.isclose(figures["ratio_to_bound"], timing["min"] / figures["bound_s"])
+    assert record["inputs"]["int64"]["input_mib"] == 8 * record["inputs"]["uint8"]["input_mib"]
