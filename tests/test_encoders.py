@@ -12,14 +12,16 @@ from segrepro.models.hfgd.encoders import (
     SelfAttention,
     build_encoder,
 )
+from segrepro.models.hfgd.config import EncoderConfig
 
 IN_CHANNELS, CHANNELS = 12, 6
-TINY = {"hidden": 8, "key_channels": 4, "wide": 16, "num_classes": 3}
+TINY = {"hidden": 8, "key_channels": 4, "wide": 16}
+NUM_CLASSES = 3
 
 
 def tiny_encoder(kind: str, output_stride: int = 32, **config):
     torch.manual_seed(0)
-    return build_encoder({"type": kind, **TINY, **config}, IN_CHANNELS, CHANNELS, output_stride)
+    return build_encoder(EncoderConfig(type=kind, **TINY, **config), IN_CHANNELS, CHANNELS, output_stride, NUM_CLASSES)
 
 
 @pytest.mark.parametrize("output_stride, size", [(32, (4, 5)), (8, (9, 7))])
@@ -95,9 +97,9 @@ def test_cae_wide_bn_relu_puts_a_nonlinearity_after_the_wide_layer():
 
 def test_unknown_type_and_ocr_without_classes_are_refused():
     with pytest.raises(SegreproError, match="'nonlocal'"):
-        build_encoder({"type": "nonlocal"}, IN_CHANNELS, CHANNELS, 32)
+        build_encoder(EncoderConfig(type="nonlocal"), IN_CHANNELS, CHANNELS, 32)
     with pytest.raises(SegreproError, match="num_classes"):
-        build_encoder({"type": "ocr"}, IN_CHANNELS, CHANNELS, 32)
+        build_encoder(EncoderConfig(type="ocr"), IN_CHANNELS, CHANNELS, 32)
 
 
 def test_self_attention_matches_a_per_pixel_loop():

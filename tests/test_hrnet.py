@@ -7,6 +7,8 @@ import torch
 
 from segrepro.core.errors import SegreproError
 from segrepro.models.common.hrnet import HRNetFeatures, upsample_concat
+from segrepro.models.factory import saf_features_config
+from segrepro.models.saf.config import DecoderConfig, SafFeaturesConfig
 from segrepro.models.saf.features import build_feature_extractor
 from segrepro.models.saf.resnet_decoder import ResNetDecoder
 
@@ -219,25 +221,33 @@ def test_resnet_decoder_rejects_bad_arguments():
 # ----------------------------------------------------------------------------- builder
 
 def test_build_hrnet():
-    model = build_feature_extractor({"kind": "hrnet", "name": "hrnet_w18_small", "pretrained": False, "kwargs": {}})
+    model = build_feature_extractor(SafFeaturesConfig("hrnet", "hrnet_w18_small"))
     assert isinstance(model, HRNetFeatures) and model.out_channels == 240 and model.align_corners
 
 
 def test_build_resnet_decoder():
-    model = build_feature_extractor({
-        "kind": "resnet_decoder", "name": "resnet18", "pretrained": False, "kwargs": TINY_RESNET,
-        "decoder": {"channels": [8, 16, 32, 64], "modules": 2, "blocks": 1}, "align_corners": False,
-    })
+    model = build_feature_extractor(SafFeaturesConfig(
+        "resnet_decoder", "resnet18", kwargs=TINY_RESNET, align_corners=False,
+        decoder=DecoderConfig(channels=(8, 16, 32, 64), modules=2, blocks=1),
+    ))
     assert isinstance(model, ResNetDecoder)
     assert model.out_channels == 120 and len(model.stage) == 2 and not model.align_corners
 
 
+def test_build_from_the_configuration_mapping():
+    """The factory reads `model.backbone` into the same arguments: the decoder's list becomes a tuple."""
+    features = saf_features_config({"kind": "resnet_decoder", "name": "resnet18", "kwargs": TINY_RESNET,
+                                    "decoder": {"channels": [8, 16, 32, 64], "modules": 2, "blocks": 1}})
+    assert features == SafFeaturesConfig("resnet_decoder", "resnet18", kwargs=TINY_RESNET,
+                                         decoder=DecoderConfig((8, 16, 32, 64), 2, 1))
+
+
 def test_build_errors():
     with pytest.raises(SegreproError, match="unknown feature extractor kind 'vit'"):
-        build_feature_extractor({"kind": "vit", "name": "vit_small_patch16_224"})
-    with pytest.raises(SegreproError, match="'hrnet': unknown keys \\['decoder'\\]"):
-        build_feature_extractor({"kind": "hrnet", "name": "hrnet_w18_small", "decoder": {}})
-    with pytest.raises(SegreproError, match="unknown decoder keys \\['block'\\]"):
-        build_feature_extractor({"kind": "resnet_decoder", "name": "resnet18", "decoder": {"block": 1}})
-    with pytest.raises(SegreproError, match="missing key 'name'"):
-        build_feature_extractor({"kind": "hrnet"})
+        build_feature_extractor(saf_features_config({"kind": "vit", "name": "vit_small_patch16_224"}))
+    with pytest.raises(SegreproError, match="model.backbone.decoder: only a resnet_decoder has a decoder"):
+        saf_features_config({"kind": "hrnet", "name": "hrnet_w18_small", "decoder": {}})
+    with pytest.raises(SegreproError, match="model.backbone.decoder: unknown key\\(s\\) block"):
+        saf_features_config({"kind": "resnet_decoder", "name": "resnet18", "decoder": {"block": 1}})
+    with pytest.raises(SegreproError, match="model.backbone: missing key 'name'"):
+        saf_features_config({"kind": "hrnet"})

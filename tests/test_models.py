@@ -12,7 +12,7 @@ from conftest import REPO
 from segrepro.config.params import deep_merge, load_params
 from segrepro.core.errors import SegreproError
 from segrepro.models.common.losses import masked_cross_entropy
-from segrepro.models.factory import build_model
+from segrepro.models.factory import build_model, model_arguments
 from segrepro.models.pspnet.pspnet import PSPNet, PyramidPooling
 
 NUM_CLASSES = 5
@@ -445,7 +445,7 @@ def test_unknown_family_and_backbone(params):
 def test_direct_construction_matches_build_model(params):
     config = tiny_model_config(params)
     torch.manual_seed(0)
-    a = PSPNet(config, NUM_CLASSES)
+    a = PSPNet(NUM_CLASSES, **model_arguments(config)[1])
     torch.manual_seed(0)
     b = build_model(config, NUM_CLASSES)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

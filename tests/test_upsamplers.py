@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from segrepro.core.errors import SegreproError
+from segrepro.models.hfgd.config import UpsamplerConfig
 from segrepro.models.hfgd.upsamplers import ModulatedDeformConv, build_upsampler, top_down
 
 CHANNELS = 8
@@ -28,7 +29,7 @@ def make_inputs(skip_channels: dict, top_stride: int, height: int, width: int, b
 
 def build(kind: str, skip_channels: dict, **config) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_upsampler({"type": kind, **config}, skip_channels, CHANNELS, CHANNELS)
+    return build_upsampler(UpsamplerConfig(type=kind, **config), skip_channels, CHANNELS, CHANNELS)
 
 
 def case(kind: str):
@@ -168,25 +169,25 @@ def test_fapn_trains_one_sgd_step():
 
 def test_unknown_type_is_named():
     with pytest.raises(SegreproError, match="'fpn9'"):
-        build_upsampler({"type": "fpn9"}, RESNET_SKIPS, CHANNELS, CHANNELS)
+        build_upsampler(UpsamplerConfig(type="fpn9"), RESNET_SKIPS, CHANNELS, CHANNELS)
 
 
 @pytest.mark.parametrize("kind", ["sfpn", "fapn", "uper", "deeplabv3p"])
 def test_output_stride_2_is_usfpn_only(kind):
     with pytest.raises(SegreproError, match="output_stride 2"):
-        build_upsampler({"type": kind, "output_stride": 2}, RESNET_SKIPS, CHANNELS, CHANNELS)
+        build_upsampler(UpsamplerConfig(type=kind, output_stride=2), RESNET_SKIPS, CHANNELS, CHANNELS)
 
 
 def test_pyramid_needs_consecutive_strides_from_4():
     with pytest.raises(SegreproError, match="strides"):
-        build_upsampler({"type": "sfpn"}, {4: 6, 16: 12}, CHANNELS, CHANNELS)
+        build_upsampler(UpsamplerConfig(type="sfpn"), {4: 6, 16: 12}, CHANNELS, CHANNELS)
     with pytest.raises(SegreproError, match="stride-4"):
-        build_upsampler({"type": "deeplabv3p"}, {8: 6}, CHANNELS, CHANNELS)
+        build_upsampler(UpsamplerConfig(type="deeplabv3p"), {8: 6}, CHANNELS, CHANNELS)
 
 
 def test_a_wider_top_is_projected_to_the_pyramid_width():
     skips, _ = make_inputs(RESNET_SKIPS, 32, 64, 64)
     top = torch.randn(2, 20, 2, 2)
     for kind in PYRAMID_TYPES:
-        model = build_upsampler({"type": kind}, RESNET_SKIPS, 20, CHANNELS)
+        model = build_upsampler(UpsamplerConfig(type=kind), RESNET_SKIPS, 20, CHANNELS)
         assert model(skips, top).shape == (2, CHANNELS, 16, 16)

@@ -12,6 +12,7 @@ import timm
 import torch.nn as nn
 
 from segrepro.core.errors import SegreproError
+from segrepro.models.common.config import ISEG_MULTI_GRID
 
 
 def create_timm_model(name: str, pretrained: bool | str, **kwargs) -> nn.Module:
@@ -126,8 +127,6 @@ class Backbone(nn.Module):
 # build_atrous_resnet, apply_multi_grid) and `backbones/feature_extractor.py` (get_backbone: deep
 # 3x3 stem, slim layout and multi-grid (1, 2, 4) for every ResNet, at any output stride), as
 # CAR's and HFGD's models build it (iSeg `layers/core_model_ext.py`, SegManaged).
-
-ISEG_MULTI_GRID = (1, 2, 4)
 
 
 def iseg_block_layout(depths: list[int], output_stride: int, multi_grid=ISEG_MULTI_GRID) -> list[list[tuple[int, int]]]:

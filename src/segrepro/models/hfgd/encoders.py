@@ -25,6 +25,7 @@ from torch import nn
 from segrepro.core.errors import SegreproError
 from segrepro.models.common.layers import conv_bn_relu, resize
 from segrepro.models.hfgd.car import CARModule
+from segrepro.models.hfgd.config import EncoderConfig
 
 ENCODER_TYPES = ("none", "identity", "aspp", "ocr", "sa", "sa_car", "cae", "ppm")
 
@@ -170,7 +171,7 @@ class PyramidPoolingModule(nn.Module):
     bins x bins grid, a 3x3 ConvBnReLU to `hidden` per level (mmseg uses 1x1), bilinear
     upsampling, concatenation with F and a 3x3 ConvBnReLU to `channels`."""
 
-    def __init__(self, in_channels: int, hidden: int, channels: int, bins: list[int]):
+    def __init__(self, in_channels: int, hidden: int, channels: int, bins: tuple[int, ...]):
         super().__init__()
         self.bins = list(bins)
         self.levels = nn.ModuleList(conv_bn_relu(in_channels, hidden, 3) for _ in self.bins)
@@ -223,14 +224,14 @@ def cae_stem(in_channels: int, wide: int, hidden: int, wide_bn_relu: bool = Fals
     return nn.Sequential(nn.Conv2d(in_channels, wide, 1), nn.Conv2d(wide, hidden, 1))
 
 
-def build_encoder(config: dict, in_channels: int, channels: int, output_stride: int) -> nn.Module:
-    """The extra encoding `config["type"]` on F (in_channels, at `output_stride`), producing
-    `channels`. Optional keys: hidden (512), key_channels (64, the self-attention's query/key
-    width; OCR's attention is `channels` wide), wide (2048, CAE), wide_bn_relu (false, CAE), rates ([3, 6, 9] at OS 32, times 32 // output_stride),
-    bins ([1, 2, 3, 6], PPM), num_classes (OCR's soft object regions; required for 'ocr')."""
-    kind = config.get("type")
-    hidden = int(config.get("hidden", 512))
-    key_channels = int(config.get("key_channels", 64))
+def build_encoder(config: EncoderConfig, in_channels: int, channels: int, output_stride: int,
+                  num_classes: int | None = None) -> nn.Module:
+    """The extra encoding `config.type` on F (in_channels, at `output_stride`), producing
+    `channels`; `num_classes` gives OCR's soft object regions (required for 'ocr'). The other
+    knobs (hidden, key_channels, wide, wide_bn_relu, rates, bins) are EncoderConfig's fields."""
+    kind = config.type
+    hidden = int(config.hidden)
+    key_channels = int(config.key_channels)
     if kind == "none":
         # no extra encoding: only the projection to the class-token width
         return PlainEncoder(conv_bn_relu(in_channels, channels, 1))
@@ -240,14 +241,14 @@ def build_encoder(config: dict, in_channels: int, channels: int, output_stride: 
     if kind == "aspp":
         if output_stride <= 0 or 32 % output_stride:
             raise SegreproError(f"ASPP: the output stride must divide 32, got {output_stride}")
-        rates = [int(rate) * (32 // output_stride) for rate in config.get("rates", [3, 6, 9])]
+        rates = [int(rate) * (32 // output_stride) for rate in config.rates]
         return PlainEncoder(AtrousSpatialPyramidPooling(in_channels, channels, rates))
     if kind == "ocr":
-        if config.get("num_classes") is None:
+        if num_classes is None:
             raise SegreproError("the 'ocr' encoder needs num_classes for its soft object regions")
         # CAR's object attention is 256 wide, as the class tokens: it scales with `channels`.
         return PlainEncoder(
-            ObjectContextualRepresentations(in_channels, hidden, channels, int(config["num_classes"])),
+            ObjectContextualRepresentations(in_channels, hidden, channels, int(num_classes)),
             conv_bn_relu(hidden, channels, 1),
         )
     if kind == "sa":
@@ -261,8 +262,8 @@ def build_encoder(config: dict, in_channels: int, channels: int, output_stride: 
     if kind == "sa_car":
         return CAREncoder(conv_bn_relu(in_channels, hidden, 3), hidden, key_channels, channels)
     if kind == "cae":
-        return CAREncoder(cae_stem(in_channels, int(config.get("wide", 2048)), hidden,
-                                   bool(config.get("wide_bn_relu", False))), hidden, key_channels, channels)
+        return CAREncoder(cae_stem(in_channels, int(config.wide), hidden, config.wide_bn_relu),
+                          hidden, key_channels, channels)
     if kind == "ppm":
-        return PlainEncoder(PyramidPoolingModule(in_channels, hidden, channels, config.get("bins", [1, 2, 3, 6])))
+        return PlainEncoder(PyramidPoolingModule(in_channels, hidden, channels, config.bins))
     raise SegreproError(f"unknown encoder type '{kind}' (known: {', '.join(ENCODER_TYPES)})")

@@ -22,10 +22,17 @@ import torch.nn.functional as F
 
 from segrepro.config.families import MODULE_NAMES
 from segrepro.core.errors import SegreproError
-from segrepro.models.common.backbone import ISEG_MULTI_GRID, Backbone, ISegResNet
+from segrepro.models.common.backbone import Backbone, ISegResNet
 from segrepro.models.common.layers import resize
 from segrepro.models.common.losses import masked_cross_entropy
 from segrepro.models.hfgd.car import car_losses
+from segrepro.models.hfgd.config import (
+    EncoderConfig,
+    HfgdBackboneConfig,
+    HfgdLossConfig,
+    HfgmConfig,
+    UpsamplerConfig,
+)
 from segrepro.models.hfgd.encoders import AxialAttention, build_encoder
 from segrepro.models.hfgd.upsamplers import build_upsampler
 
@@ -41,28 +48,28 @@ class StageBackbone(nn.Module):
     multiple of 32 (their patch embedding and 2x2 downsampling need whole patches); the caller
     crops the prediction back."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: HfgdBackboneConfig):
         super().__init__()
-        kind = config.get("kind", "resnet")
+        kind = config.kind
         if kind not in STAGE_INDICES:
             raise SegreproError(f"unknown HFGD backbone kind '{kind}' (known: {', '.join(STAGE_INDICES)})")
-        output_stride = config.get("output_stride", 32)
+        output_stride = config.output_stride
         if kind != "resnet" and output_stride != 32:
             raise SegreproError(f"a {kind} backbone has output stride 32 only (got {output_stride})")
-        kwargs = dict(config.get("kwargs") or {})
+        kwargs = dict(config.kwargs)
         if kind == "swin":
             kwargs.setdefault("strict_img_size", False)  # any input size, not the pretraining one
-        layout = config.get("layout") or "timm"
+        layout = config.layout or "timm"
         if layout not in ("timm", "iseg"):
             raise SegreproError(f"unknown HFGD backbone layout '{layout}' (known: timm, iseg)")
         if layout == "iseg" and kind != "resnet":
             raise SegreproError(f"the iseg layout is a ResNet's; set model.backbone.layout to null for {kind}")
         if layout == "iseg":
             # The authors' ResNet (iSeg): strides on the last block of stages 1-3, multi-grid on stage 4.
-            self.body = ISegResNet(config["name"], STAGE_INDICES[kind], output_stride, config.get("pretrained", False),
-                                   kwargs, config.get("multi_grid", ISEG_MULTI_GRID))
+            self.body = ISegResNet(config.name, STAGE_INDICES[kind], output_stride, config.pretrained,
+                                   kwargs, config.multi_grid)
         else:
-            self.body = Backbone(config["name"], STAGE_INDICES[kind], output_stride, config.get("pretrained", False), kwargs)
+            self.body = Backbone(config.name, STAGE_INDICES[kind], output_stride, config.pretrained, kwargs)
         self.pad_to = 1 if kind == "resnet" else 32  # patchify stems and 2x2 downsampling
         self.channels = self.body.channels
         self.strides = self.body.reductions
@@ -85,44 +92,40 @@ class HFGD(nn.Module):
 
     module_names = MODULE_NAMES["hfgd"]  # what train.lr_mult may name
 
-    def __init__(self, config: dict, num_classes: int, ignore_index: int = 255):
+    def __init__(self, num_classes: int, backbone: HfgdBackboneConfig, channels: int = 256,
+                 encoder: EncoderConfig = EncoderConfig(), upsampler: UpsamplerConfig = UpsamplerConfig(),
+                 hfgm: HfgmConfig = HfgmConfig(), loss: HfgdLossConfig = HfgdLossConfig(), ignore_index: int = 255):
         super().__init__()
         self.ignore_index = ignore_index
         self.num_classes = num_classes
-        channels = config["channels"]
-        hfgm = config.get("hfgm", {})
-        loss = config.get("loss", {})
-        self.guide_weight = float(loss.get("guide_weight", 1.0))
-        self.car_weight = float(loss.get("car_weight", 1.0))
-        self.ce_normalization = loss.get("ce_normalization", "valid_pixels")
+        self.guide_weight = float(loss.guide_weight)
+        self.car_weight = float(loss.car_weight)
+        self.ce_normalization = loss.ce_normalization
 
-        self.backbone = StageBackbone(config["backbone"])
+        self.backbone = StageBackbone(backbone)
         deepest_stride = self.backbone.strides[-1]
-        self.encoder = build_encoder(
-            dict(config["encoder"], num_classes=num_classes), self.backbone.channels[-1], channels, deepest_stride
-        )
+        self.encoder = build_encoder(encoder, self.backbone.channels[-1], channels, deepest_stride, num_classes)
         # The class tokens of Sec. 3.1: a 1x1 classifier's kernel [K, C] and bias [K].
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
-        upsampler = config.get("upsampler", {"type": "none"})
         self.upsampler = None
         self.guidance = self.stop_gradient = False
         self.axial_attention = None
-        if upsampler["type"] != "none":
+        if upsampler.type != "none":
             # Skips: the stages finer than the deepest one (a D8 backbone offers only stride 4).
             skips = {s: c for s, c in zip(self.backbone.strides[:-1], self.backbone.channels[:-1]) if s < deepest_stride}
             self.skip_strides = sorted(skips)
             self.upsampler = build_upsampler(upsampler, skips, channels, channels)
             width = getattr(self.upsampler, "out_channels", channels)  # sfpn_mmseg's head is narrower
-            self.guidance = bool(hfgm.get("guidance", False))
-            self.stop_gradient = self.guidance and bool(hfgm.get("stop_gradient", True))
-            if hfgm.get("axial_attention", False):
-                self.axial_attention = AxialAttention(width, heads=hfgm.get("heads", 4))
+            self.guidance = hfgm.guidance
+            self.stop_gradient = self.guidance and hfgm.stop_gradient
+            if hfgm.axial_attention:
+                self.axial_attention = AxialAttention(width, heads=hfgm.heads)
             if self.guidance and width != channels:
                 raise SegreproError(f"HFGM guidance needs the upsampler's output ({width}) as wide as the class tokens ({channels})")
             # Without guidance the upsampler has a classifier of its own (a plain SemanticFPN).
             self.upsampler_classifier = None if self.guidance else nn.Conv2d(width, num_classes, 1)
-        elif hfgm.get("guidance") or hfgm.get("axial_attention"):
+        elif hfgm.guidance or hfgm.axial_attention:
             raise SegreproError("HFGM needs an upsampler: set model.upsampler.type")
 
     @property

@@ -24,6 +24,7 @@ from torchvision.ops import deform_conv2d
 
 from segrepro.core.errors import SegreproError
 from segrepro.models.common.layers import conv_bn_relu, resize
+from segrepro.models.hfgd.config import UpsamplerConfig
 
 UPSAMPLER_TYPES = ("sfpn", "usfpn", "fapn", "uper", "deeplabv3p", "sfpn_mmseg")
 
@@ -279,17 +280,18 @@ class DeepLabV3PlusDecoder(nn.Module):
         return self.decode(torch.cat([low, resize(top, low.shape[-2:])], dim=1))
 
 
-def build_upsampler(config: dict, skip_channels: dict[int, int], top_channels: int, channels: int) -> nn.Module:
-    """The upsampler `config["type"]` names (sfpn | usfpn | fapn | uper | deeplabv3p).
+def build_upsampler(config: UpsamplerConfig, skip_channels: dict[int, int], top_channels: int,
+                    channels: int) -> nn.Module:
+    """The upsampler `config.type` names (sfpn | usfpn | fapn | uper | deeplabv3p | sfpn_mmseg).
 
-    Keys: output_stride 4 (default) or 2 (usfpn only), low_level_channels 48 (deeplabv3p),
-    head_channels (sfpn_mmseg: its head's width, half of `channels` by default as mmseg's 128 of 256;
-    that upsampler's `out_channels`).
+    UpsamplerConfig's fields: output_stride 4 (default) or 2 (usfpn only), low_level_channels
+    (deeplabv3p), head_channels (sfpn_mmseg: its head's width, half of `channels` when None, as
+    mmseg's 128 of 256; that upsampler's `out_channels`).
     The module's forward(skips, top) returns (N, channels, H4, W4), H4 x W4 the stride-4 skip's
     size, doubled at output stride 2; its attribute `output_stride` says which.
     """
-    kind = config.get("type")
-    output_stride = int(config.get("output_stride", 4))
+    kind = config.type
+    output_stride = int(config.output_stride)
     if kind not in UPSAMPLER_TYPES:
         raise SegreproError(f"unknown upsampler type {kind!r}; expected one of {', '.join(UPSAMPLER_TYPES)}")
     if output_stride not in (2, 4):
@@ -300,9 +302,10 @@ def build_upsampler(config: dict, skip_channels: dict[int, int], top_channels: i
         lateral_kernel = 1 if kind == "sfpn" else 3
         return SemanticFPN(skip_channels, top_channels, channels, lateral_kernel, output_stride)
     if kind == "sfpn_mmseg":
-        return MMSegSemanticFPN(skip_channels, top_channels, channels, int(config.get("head_channels", channels // 2)))
+        head_channels = channels // 2 if config.head_channels is None else int(config.head_channels)
+        return MMSegSemanticFPN(skip_channels, top_channels, channels, head_channels)
     if kind == "fapn":
         return FaPN(skip_channels, top_channels, channels)
     if kind == "uper":
         return UperFPN(skip_channels, top_channels, channels)
-    return DeepLabV3PlusDecoder(skip_channels, top_channels, channels, int(config.get("low_level_channels", 48)))
+    return DeepLabV3PlusDecoder(skip_channels, top_channels, channels, int(config.low_level_channels))

@@ -15,6 +15,7 @@ from segrepro.config.families import MODULE_NAMES
 from segrepro.models.common.backbone import Backbone
 from segrepro.models.common.layers import conv_bn_relu
 from segrepro.models.common.losses import masked_cross_entropy
+from segrepro.models.pspnet.config import AuxiliaryLossConfig, PSPNetBackboneConfig, PyramidHeadConfig
 
 
 class PyramidPooling(nn.Module):
@@ -22,7 +23,8 @@ class PyramidPooling(nn.Module):
     optionally reduce each level to C/N channels by 1x1 conv ("DR", Table 1), upsample bilinearly
     and concatenate with the input."""
 
-    def __init__(self, in_channels: int, bins: list[int], pool: str, reduction: bool, align_corners: bool = False):
+    def __init__(self, in_channels: int, bins: tuple[int, ...], pool: str, reduction: bool,
+                 align_corners: bool = False):
         super().__init__()
         self.bins = list(bins)
         self.pool = pool
@@ -59,37 +61,38 @@ class SegmentationHead(nn.Module):
 
 class PSPNet(nn.Module):
     """Dilated ResNet (output stride 8) + pyramid pooling (head.type 'ppm') or nothing (head.type
-    'fcn': the paper's "ResNet50-Baseline"), with the auxiliary loss on layer3 weighted by alpha."""
+    'fcn': the paper's "ResNet50-Baseline"), with the auxiliary loss on layer3 weighted by alpha.
+
+    `align_corners`: bilinear upsampling in the PPM and of the logits (semseg model/pspnet.py uses
+    true; with 8n+1 inputs, e.g. 473, the 1/8 feature grid then lands on input pixels exactly)."""
 
     module_names = MODULE_NAMES["pspnet"]  # what train.lr_mult may name
 
-    def __init__(self, config: dict, num_classes: int, ignore_index: int = 255):
+    def __init__(self, num_classes: int, backbone: PSPNetBackboneConfig,
+                 head: PyramidHeadConfig = PyramidHeadConfig(), aux: AuxiliaryLossConfig = AuxiliaryLossConfig(),
+                 align_corners: bool = False, ignore_index: int = 255):
         super().__init__()
-        head, aux, backbone = config["head"], config["aux"], config["backbone"]
         self.ignore_index = ignore_index
-        self.aux_weight = float(aux["weight"])
-        # semseg model/pspnet.py: bilinear with align_corners=True in the PPM and for the logits
-        # (with 8n+1 inputs, e.g. 473, the 1/8 feature grid then lands on input pixels exactly).
-        self.align_corners = bool(config.get("align_corners", False))
+        self.aux_weight = float(aux.weight)
+        self.align_corners = align_corners
         self.backbone = Backbone(
-            backbone["name"],
+            backbone.name,
             out_indices=(3, 4),  # layer3 feeds the auxiliary branch, layer4 the head
-            output_stride=backbone["output_stride"],
-            pretrained=backbone["pretrained"],
-            kwargs=backbone.get("kwargs"),
-            dilate_first_block=backbone.get("dilate_first_block", False),
+            output_stride=backbone.output_stride,
+            pretrained=backbone.pretrained,
+            kwargs=backbone.kwargs,
+            dilate_first_block=backbone.dilate_first_block,
         )
         layer3_channels, layer4_channels = self.backbone.channels
-        if head["type"] == "ppm":
-            self.context = PyramidPooling(layer4_channels, head["bins"], head["pool"], head["reduction"],
-                                          self.align_corners)
+        if head.type == "ppm":
+            self.context = PyramidPooling(layer4_channels, head.bins, head.pool, head.reduction, self.align_corners)
             head_in = self.context.out_channels
         else:
             self.context = nn.Identity()
             head_in = layer4_channels
-        self.head = SegmentationHead(head_in, head["channels"], num_classes, head["dropout"])
+        self.head = SegmentationHead(head_in, head.channels, num_classes, head.dropout)
         self.aux_head = (
-            SegmentationHead(layer3_channels, aux["channels"], num_classes, head["dropout"])
+            SegmentationHead(layer3_channels, aux.channels, num_classes, head.dropout)
             if self.aux_weight > 0
             else None
         )

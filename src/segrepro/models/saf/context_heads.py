@@ -33,6 +33,8 @@ from segrepro.core.errors import SegreproError
 from segrepro.models.common.backbone import Backbone
 from segrepro.models.common.layers import conv_bn_relu
 from segrepro.models.common.losses import masked_cross_entropy
+from segrepro.models.factory import model_arguments
+from segrepro.models.saf.config import SafFeaturesConfig
 from segrepro.models.saf.features import build_feature_extractor
 
 HEADS = COMPARISON_HEADS  # named in the torch-free table specs
@@ -191,23 +193,34 @@ class ComparisonModel(nn.Module):
         return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def build_comparison_model(model_config: dict, num_classes: int, head: str,
-                           resnet_output_stride: int | None = None, ignore_index: int = 255) -> ComparisonModel:
-    """`head` (one of HEADS) on the feature extractor of a SaF model configuration, or on its
-    backbone ResNet's last stage when `resnet_output_stride` is given. The configuration's head
-    section gives the widths (semantic_channels = D_s, key_channels); its own head is not built."""
+def comparison_model(features: SafFeaturesConfig, channels: int, key_channels: int, num_classes: int, head: str,
+                     resnet_output_stride: int | None = None, ignore_index: int = 255) -> ComparisonModel:
+    """`head` (one of HEADS) on SaF's feature extractor `features`, or on its backbone ResNet's last
+    stage when `resnet_output_stride` is given; `channels` (D_s) and `key_channels` are the SaF
+    head's widths (`build_comparison_model` reads them from a SaF configuration)."""
     if head not in HEADS:
         raise SegreproError(f"unknown comparison head '{head}' (known: {', '.join(HEADS)})")
-    backbone = model_config["backbone"]
     if resnet_output_stride is None:
-        features = build_feature_extractor(backbone)
+        extractor = build_feature_extractor(features)
     else:
-        features = ResNetFeatures(backbone["name"], backbone.get("kwargs"), resnet_output_stride)
-    channels, key_channels = model_config["head"]["semantic_channels"], model_config["head"]["key_channels"]
+        extractor = ResNetFeatures(features.name, dict(features.kwargs), resnet_output_stride)
     if head == "ccnet":
-        module = CrissCrossHead(features.out_channels, channels, num_classes)
+        module = CrissCrossHead(extractor.out_channels, channels, num_classes)
     elif head == "ocr":
-        module = ObjectContextHead(features.out_channels, channels, key_channels, num_classes)
+        module = ObjectContextHead(extractor.out_channels, channels, key_channels, num_classes)
     else:
-        module = PlainHead(features.out_channels, channels, num_classes)
-    return ComparisonModel(features, module, ignore_index)
+        module = PlainHead(extractor.out_channels, channels, num_classes)
+    return ComparisonModel(extractor, module, ignore_index)
+
+
+def build_comparison_model(model_config: dict, num_classes: int, head: str, resnet_output_stride: int | None = None,
+                           ignore_index: int = 255) -> ComparisonModel:
+    """Table 5's comparison `head` on the feature extractor of a SaF `model:` section (read by the
+    model factory), as wide as its semantic head. Kept out of the factory, so that SaF's own
+    trainings do not depend on the comparison heads."""
+    family, arguments = model_arguments(model_config)
+    if family != "saf":
+        raise SegreproError(f"comparison heads sit on a SaF model's features, not on a {family} model")
+    saf_head = arguments["head"]
+    return comparison_model(arguments["features"], saf_head.semantic_channels, saf_head.key_channels, num_classes,
+                            head, resnet_output_stride, ignore_index)

@@ -31,6 +31,7 @@ from torch import nn
 from segrepro.config.families import MODULE_NAMES
 from segrepro.core.errors import SegreproError
 from segrepro.models.common.losses import masked_cross_entropy
+from segrepro.models.saf.config import SafFeaturesConfig, SafHeadConfig
 from segrepro.models.saf.features import build_feature_extractor
 from segrepro.models.saf.pyramid import (
     Pyramid,
@@ -66,7 +67,7 @@ def final_projection(channels: int, num_classes: int) -> nn.Sequential:
     return nn.Sequential(conv_bn_relu(channels, channels), nn.Conv2d(channels, num_classes, 1))
 
 
-def pyramid_pool(x: torch.Tensor, bins: list[int]) -> torch.Tensor:
+def pyramid_pool(x: torch.Tensor, bins: tuple[int, ...]) -> torch.Tensor:
     """Eq. 6 PyramidPool: average-pool (B, C, H, W) to each bins x bins grid, flatten and
     concatenate into tokens (B, C, sum(bins^2)): 110 tokens for bins (1, 3, 6, 8)."""
     return torch.cat([F.adaptive_avg_pool2d(x, b).flatten(2) for b in bins], dim=2)
@@ -146,7 +147,7 @@ class ContextUpdate(nn.Module):
     """CU, Eq. 10-11 (Fig. 2e): θ^(ℓ) = Conv1x1_upd(concat(PyramidPool(X'^(ℓ)), θ^(ℓ-1)));
     θ keeps its 110 tokens, so the module stays cheap at every level."""
 
-    def __init__(self, channels: int, bins: list[int]):
+    def __init__(self, channels: int, bins: tuple[int, ...]):
         super().__init__()
         self.bins = bins
         self.update = token_conv_bn_relu(2 * channels, channels)
@@ -163,7 +164,7 @@ class APNB(nn.Module):
     concatenated with the input and fused by Conv1x1+BN+ReLU+Dropout2d.
     """
 
-    def __init__(self, channels: int, key_channels: int, bins: list[int], dropout: float):
+    def __init__(self, channels: int, key_channels: int, bins: tuple[int, ...], dropout: float):
         super().__init__()
         self.bins = bins
         self.key = conv_bn_relu(channels, key_channels)
@@ -183,20 +184,20 @@ class SemanticHead(nn.Module):
     """Sec. 4.2, Fig. 2c: X^(L) = Conv1x1(X); X^(ℓ) = AvgPool(X^(L), s_ℓ / s_L) (Eq. 3);
     optional context; Ŷ^(ℓ) = ConvBlock^(ℓ)(X'^(ℓ)) (Eq. 7) for the levels that are predicted."""
 
-    def __init__(self, in_channels: int, num_classes: int, head: dict, factors: list[int]):
+    def __init__(self, in_channels: int, num_classes: int, head: SafHeadConfig, factors: list[int]):
         super().__init__()
-        channels, key_channels, bins = head["semantic_channels"], head["key_channels"], head["pool_bins"]
-        self.context = head["context"]
+        channels, key_channels, bins = head.semantic_channels, head.key_channels, head.pool_bins
+        self.context = head.context
         self.factors = factors
         # Single-output models without our context never look at the coarser levels (A, B).
-        self.levels = len(factors) if head["output"] != "single" or self.context in ("ours", "anl_multi") else 1
-        self.predicted = len(factors) if head["output"] != "single" else 1  # the finest last ones
+        self.levels = len(factors) if head.output != "single" or self.context in ("ours", "anl_multi") else 1
+        self.predicted = len(factors) if head.output != "single" else 1  # the finest last ones
         # paper silent on BN/ReLU after the D -> D_s projection; default: BN+ReLU.
         self.project = conv_bn_relu(in_channels, channels)
-        self.anl = APNB(channels, key_channels, bins, head["dropout"]) if self.context == "anl" else None
+        self.anl = APNB(channels, key_channels, bins, head.dropout) if self.context == "anl" else None
         if self.context == "anl_multi":
             self.anl_levels = nn.ModuleList(
-                APNB(channels, key_channels, bins, head["dropout"]) for _ in range(self.levels)
+                APNB(channels, key_channels, bins, head.dropout) for _ in range(self.levels)
             )
         if self.context == "ours":
             self.bins = bins
@@ -230,19 +231,19 @@ class SpecializeFuse(nn.Module):
 
     module_names = MODULE_NAMES["saf"]  # what train.lr_mult may name
 
-    def __init__(self, config: dict, num_classes: int, ignore_index: int = 255):
+    def __init__(self, num_classes: int, features: SafFeaturesConfig, head: SafHeadConfig = SafHeadConfig(),
+                 ignore_index: int = 255):
         super().__init__()
-        head = config["head"]
         self.ignore_index = ignore_index
-        self.output = head["output"]
+        self.output = head.output
         self.is_pyramidal = self.output == "pyramidal"
-        self.tau = float(head["tau"])
-        self.train_tau = float(head["train_tau"])
-        self.relabel_policy = head["relabel"]
-        self.finest_target = head["finest_target"]
-        self.aux_weight = float(head["aux_weight"])
-        self.strides = tuple(sorted(head["strides"], reverse=True))
-        self.features = build_feature_extractor(config["backbone"])
+        self.tau = float(head.tau)
+        self.train_tau = float(head.train_tau)
+        self.relabel_policy = head.relabel
+        self.finest_target = head.finest_target
+        self.aux_weight = float(head.aux_weight)
+        self.strides = tuple(sorted(head.strides, reverse=True))
+        self.features = build_feature_extractor(features)
         finest = self.strides[-1]
         if finest != self.features.reduction:
             raise SegreproError(
@@ -253,7 +254,7 @@ class SpecializeFuse(nn.Module):
             raise SegreproError(f"model.head.strides: every stride must be a multiple of {finest}: {list(self.strides)}")
         factors = [s // finest for s in self.strides]
         self.semantic = SemanticHead(self.features.out_channels, num_classes, head, factors)
-        self.unity = (UnityHead(self.features.out_channels, head["unity_channels"], head["unity_head"])
+        self.unity = (UnityHead(self.features.out_channels, head.unity_channels, head.unity_head)
                       if self.is_pyramidal else None)
         self.unity_factors = factors[:-1]
 
