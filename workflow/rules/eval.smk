@@ -20,7 +20,7 @@ rule evaluate:
     conda:
         "../envs/segrepro.yaml"
     log:
-        str(paths.run_log_path("evaluate", *RUN, "/{protocol}")),
+        str(paths.run_log_path("evaluate", *RUN, "{protocol}")),
     shell:
         "segrepro evaluate --paper {wildcards.paper} --experiment {wildcards.experiment}"
         " --scale {wildcards.scale} --dataset {wildcards.dataset} --seed {wildcards.seed}"
@@ -33,4 +33,4 @@ use rule evaluate as evaluate_split with:
     wildcard_constraints:
         split=r"(?!val\b)[A-Za-z_][A-Za-z0-9_]*",  # val's file is PROTOCOL.json (rule evaluate)
     log:
-        str(paths.run_log_path("evaluate", *RUN, "/{protocol}.{split}")),
+        str(paths.run_log_path("evaluate", *RUN, "{protocol}.{split}")),

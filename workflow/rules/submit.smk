@@ -20,7 +20,7 @@ rule submit:
     conda:
         "../envs/segrepro.yaml"
     log:
-        str(paths.run_log_path("submit", *RUN, "_{protocol}")),
+        str(paths.run_log_path("submit", *RUN, "{protocol}")),
     shell:
         "segrepro submit --paper {wildcards.paper} --experiment {wildcards.experiment}"
         " --scale {wildcards.scale} --dataset {wildcards.dataset} --seed {wildcards.seed}"

@@ -95,10 +95,11 @@ def log_path(*parts: str) -> Path:
     return LOGS.joinpath(*folders) / f"{name}.log"
 
 
-def run_log_path(stage: str, scale, dataset, paper, experiment, seed, job: str = "") -> Path:
-    """The log of a STAGE job on one run: logs/STAGE/SCALE/DATASET/PAPER/EXPERIMENT/seedSEED{job}.log,
-    `job` telling a run's several jobs of one stage apart ("/ss": seedSEED/ss.log)."""
-    return log_path(stage, scale, dataset, paper, experiment, f"seed{seed}{job}")
+def run_log_path(stage: str, scale, dataset, paper, experiment, seed, job: str | None = None) -> Path:
+    """The log of a STAGE job on one run: logs/STAGE/SCALE/DATASET/PAPER/EXPERIMENT/seedSEED.log, or
+    .../seedSEED/JOB.log where a run has several jobs of the stage (one per protocol and split)."""
+    run = (stage, scale, dataset, paper, experiment, f"seed{seed}")
+    return log_path(*run, job) if job else log_path(*run)
 
 
 def efficiency_path(table: str) -> Path:

@@ -19,6 +19,7 @@ from segrepro.reporting.markdown import (
     NOT_TOLD_APART,
     PAPER_MARGIN,
     REPRODUCED,
+    VERDICTS,
     escape_cell,
     fmt_header_value,
     read_claims,
@@ -26,7 +27,8 @@ from segrepro.reporting.markdown import (
 from segrepro.reporting.tables import declared_paper_note
 
 NOT_YET_RUN = "⏳ not yet run"
-VERDICTS = (REPRODUCED, CONTRADICTED, NOT_TOLD_APART, NOT_YET_RUN)
+# What the listing tallies: a table's verdicts, or its claims not run yet.
+STATES = (*VERDICTS, NOT_YET_RUN)
 RULE = ("Each difference a claim rests on carries a 95 % interval over the test images (paired bootstrap) "
         f"and the seeds (their spread): '{REPRODUCED}' when every interval lies on the paper's side of zero, "
         f"'{CONTRADICTED}' when one lies on the other side, '{NOT_TOLD_APART}' otherwise. With one seed the "
@@ -84,13 +86,13 @@ def collect(params, scale: str | None = None) -> list[dict]:
 
 def counts(records: list[dict]) -> dict[str, int]:
     tally = Counter(record["verdict"] for record in records)
-    return {verdict: tally.get(verdict, 0) for verdict in VERDICTS}
+    return {verdict: tally.get(verdict, 0) for verdict in STATES}
 
 
 def summary_line(records: list[dict]) -> str:
     tally = counts(records)
     undecided = sum(NOT_DECISIVE in record["paper_note"] for record in records)
-    return (f"{len(records)} claims: " + ", ".join(f"{tally[v]} {v}" for v in VERDICTS)
+    return (f"{len(records)} claims: " + ", ".join(f"{tally[v]} {v}" for v in STATES)
             + f"; {undecided} {NOT_DECISIVE}")
 
 

@@ -123,13 +123,12 @@ def _reduce_last(x: Tensor, factor: int, op) -> Tensor:
     """Reduce groups of `factor` consecutive elements of the (contiguous) last dim with op."""
     *lead, w = x.shape
     if _swar_ok(x, factor):
-        # The slow part is a reduction over a tiny contiguous group, which torch does one element
-        # at a time (amin(-1): ~0.7 ms on a 16x128x512 uint8 tensor, 1 thread). Instead reinterpret
-        # each group of bytes as one int16/32/64 word; shifting the word right by 8*k bytes and
-        # applying op bytewise (vectorised uint8 minimum/maximum) folds byte i+k into byte i, so
-        # log2(factor) steps leave the group's result in byte 0 (little-endian). Bytes above the
-        # group edge may pick up sign-extension garbage but never reach byte 0. ~0.12 ms for the
-        # same tensor.
+        # The slow part is a reduction over a tiny contiguous group, which torch's amin(-1) does
+        # one element at a time. Instead reinterpret each group of bytes as one int16/32/64 word;
+        # shifting the word right by 8*k bytes and applying op bytewise (vectorised uint8
+        # minimum/maximum) folds byte i+k into byte i, so log2(factor) steps leave the group's
+        # result in byte 0 (little-endian). Bytes above the group edge may pick up sign-extension
+        # garbage but never reach byte 0. benchmarks/pyramid_gt.py times the whole pyramid.
         word = {2: torch.int16, 4: torch.int32, 8: torch.int64}[factor]
         y = x.contiguous()
         shift = 8
@@ -137,7 +136,7 @@ def _reduce_last(x: Tensor, factor: int, op) -> Tensor:
             y = op(y, (y.view(word) >> shift).view(torch.uint8))
             shift *= 2
         return y.view(*lead, w // factor, factor)[..., 0]
-    # Other dtypes: elementwise op over strided slices (amin(-1) is ~40x slower on int64).
+    # Other dtypes: elementwise op over strided slices (faster than amin(-1) over tiny groups).
     groups = x.view(*lead, w // factor, factor)
     out = op(groups[..., 0], groups[..., 1])
     for i in range(2, factor):
@@ -205,8 +204,8 @@ def _fast_keys(labels: Tensor, ignore_index: int) -> Tensor | None:
     lo, hi = torch.aminmax(labels)
     if int(lo) < 0 or int(hi) > 255:
         return None
-    # Narrowing (one range check + one copy) beats masked int64 keys by ~10x: whole pyramid
-    # ~6-7 ms vs ~70 ms for a 16x512x512 int64 batch on 1 CPU thread.
+    # Narrowing (one range check + one copy) costs far less than masked int64 keys at every level
+    # (benchmarks/pyramid_gt.py times uint8 and int64 batches).
     return labels.to(torch.uint8)
 
 
