@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -182,7 +183,7 @@ def training_steps(scale: str, device: torch.device, steps: int) -> dict:
         model = build_ours(our_model_config(paper, experiment, scale), 13).to(device).train()
         optimizer = build_optimizer(model, train)
         images, labels = random_batch(train["batch_size"], size, 13, device)
-        step = lambda: train_step(model, optimizer, images, labels, train["lr"], "bf16")  # noqa: E731
+        step = partial(train_step, model, optimizer, images, labels, train["lr"], "bf16")
         step()  # warm-up
         times = [seconds_of(step, device) for _ in range(steps)]
         seconds = spread(times)["median"]

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from segrepro.core.errors import SegreproError
+from segrepro.models.hfgd.config import EncoderConfig
 from segrepro.models.hfgd.encoders import (
     ENCODER_TYPES,
     AxialAttention,
     SelfAttention,
     build_encoder,
 )
-from segrepro.models.hfgd.config import EncoderConfig
 
 IN_CHANNELS, CHANNELS = 12, 6
 TINY = {"hidden": 8, "key_channels": 4, "wide": 16}

@@ -185,9 +185,9 @@ def test_sixteen_bit_labels_with_reduce_zero_label(tmp_path):
     assert np.array_equal(read_label(root / "labels" / f"{stem}.png"), expected.astype(np.uint8))
 
     # 16-bit stored values mapped by `values`, beyond 8 bits.
-    Image.fromarray((mask(0, high=2, low=1).astype(np.uint16) * 1000)).save(source / "ann" / "0.png")
+    Image.fromarray(mask(0, high=2, low=1).astype(np.uint16) * 1000).save(source / "ann" / "0.png")
     for i in range(1, 5):
-        Image.fromarray((mask(i, high=2, low=1).astype(np.uint16) * 1000)).save(source / "ann" / f"{i}.png")
+        Image.fromarray(mask(i, high=2, low=1).astype(np.uint16) * 1000).save(source / "ann" / f"{i}.png")
     by_values = {**declaration, "reduce_zero_label": False, "values": {1000: "a", 2000: "b"}}
     root = prepare(tmp_path, by_values, "deep_values")
     assert np.array_equal(read_label(root / "labels/0.png"), (mask(0) == 255).astype(np.uint8))

@@ -16,7 +16,7 @@ from segrepro.models.saf.pyramid import (
     upsample_nearest,
 )
 
-I = 255  # ignore_index
+X = 255  # ignore_index (the X in the label grids below)
 
 
 def t(rows):
@@ -65,18 +65,18 @@ def structured_labels(rng, shape, block, num_classes=4, ignore=255):
 
 def test_the_app_b_cases_by_hand():
     # Five 4x4 cells side by side (stride 4).
-    labels = torch.full((1, 4, 20), I, dtype=torch.long)
+    labels = torch.full((1, 4, 20), X, dtype=torch.long)
     labels[:, :, 0:4] = 3  # one class, all valid
     labels[:, :, 4:6] = 1  # two classes
     labels[:, :, 6:8] = 2
     labels[:, :, 8:12] = 5  # one class + one ignore pixel
-    labels[0, 0, 8] = I
+    labels[0, 0, 8] = X
     # cols 12:16 stay all ignore
     labels[:, :, 16:18] = 1  # two classes + ignore
     labels[:, 1:, 18:20] = 2
     semantic, unity = pyramid_targets(labels, [4])
-    assert torch.equal(semantic[0], t([[3, I, I, I, I]]))
-    assert torch.equal(unity[0], t([[1, 0, I, I, 0]]))
+    assert torch.equal(semantic[0], t([[3, X, X, X, X]]))
+    assert torch.equal(unity[0], t([[1, 0, X, X, 0]]))
     assert semantic[0].dtype == unity[0].dtype == torch.int64
 
 
@@ -85,37 +85,37 @@ def test_crop_border_padding_and_non_square_input():
     # class 2 on cols 8-12, ignore padding on cols 13-15 (a crop border).
     labels = torch.ones((1, 8, 16), dtype=torch.uint8)
     labels[:, :, 8:13] = 2
-    labels[:, :, 13:] = I
+    labels[:, :, 13:] = X
     labels[0, 5, 1] = 3
     semantic, unity = pyramid_targets(labels, [8, 4, 2])
     assert [tuple(y.shape) for y in semantic] == [(1, 1, 2), (1, 2, 4), (1, 4, 8)]
-    assert torch.equal(semantic[0], t([[I, I]]))
-    assert torch.equal(unity[0], t([[0, I]]))  # mix | class 2 + padding
-    assert torch.equal(semantic[1], t([[1, 1, 2, I], [I, 1, 2, I]]))
-    assert torch.equal(unity[1], t([[1, 1, 1, I], [0, 1, 1, I]]))
+    assert torch.equal(semantic[0], t([[X, X]]))
+    assert torch.equal(unity[0], t([[0, X]]))  # mix | class 2 + padding
+    assert torch.equal(semantic[1], t([[1, 1, 2, X], [X, 1, 2, X]]))
+    assert torch.equal(unity[1], t([[1, 1, 1, X], [0, 1, 1, X]]))
     assert torch.equal(
         semantic[2],
-        t([[1, 1, 1, 1, 2, 2, I, I], [1, 1, 1, 1, 2, 2, I, I], [I, 1, 1, 1, 2, 2, I, I], [1, 1, 1, 1, 2, 2, I, I]]),
+        t([[1, 1, 1, 1, 2, 2, X, X], [1, 1, 1, 1, 2, 2, X, X], [X, 1, 1, 1, 2, 2, X, X], [1, 1, 1, 1, 2, 2, X, X]]),
     )
     assert torch.equal(
         unity[2],
-        t([[1, 1, 1, 1, 1, 1, I, I], [1, 1, 1, 1, 1, 1, I, I], [0, 1, 1, 1, 1, 1, I, I], [1, 1, 1, 1, 1, 1, I, I]]),
+        t([[1, 1, 1, 1, 1, 1, X, X], [1, 1, 1, 1, 1, 1, X, X], [0, 1, 1, 1, 1, 1, X, X], [1, 1, 1, 1, 1, 1, X, X]]),
     )
 
 
-@pytest.mark.parametrize("right_class, expected_unity", [(2, 0), (1, I)])
+@pytest.mark.parametrize("right_class, expected_unity", [(2, 0), (1, X)])
 def test_coarse_cell_from_children_that_are_all_class_plus_ignore(right_class, expected_unity):
     # Both stride-4 children on top are "class + ignore" (U = ignore); the bottom ones all ignore.
     # The stride-8 parent is a mix if the two classes differ, else "class + ignore": this needs
     # the children's min/max, not their (U, Y).
-    labels = torch.full((1, 8, 8), I, dtype=torch.long)
+    labels = torch.full((1, 8, 8), X, dtype=torch.long)
     labels[0, :4, :4] = 1
     labels[0, :4, 4:] = right_class
-    labels[0, 0, 0] = labels[0, 0, 4] = I
+    labels[0, 0, 0] = labels[0, 0, 4] = X
     semantic, unity = pyramid_targets(labels, [8, 4])
-    assert torch.equal(unity[1], t([[I, I], [I, I]]))
+    assert torch.equal(unity[1], t([[X, X], [X, X]]))
     assert torch.equal(unity[0], t([[expected_unity]]))
-    assert torch.equal(semantic[0], t([[I]]))
+    assert torch.equal(semantic[0], t([[X]]))
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
@@ -161,11 +161,11 @@ def test_general_path_other_ignore_index_and_large_class_ids():
 
 
 def test_stride_one_and_input_untouched():
-    labels = torch.tensor([[[0, 1], [I, 2]]], dtype=torch.uint8)
+    labels = torch.tensor([[[0, 1], [X, 2]]], dtype=torch.uint8)
     before = labels.clone()
     semantic, unity = pyramid_targets(labels, [2, 1])
-    assert torch.equal(semantic[1], t([[0, 1], [I, 2]]))
-    assert torch.equal(unity[1], t([[1, 1], [I, 1]]))
+    assert torch.equal(semantic[1], t([[0, 1], [X, 2]]))
+    assert torch.equal(unity[1], t([[1, 1], [X, 1]]))
     assert torch.equal(unity[0], t([[0]]))
     assert torch.equal(labels, before)
 
@@ -211,11 +211,11 @@ def test_cuda_matches_cpu():
 # Level 2 (index 1) holds children consistent with that: top half unity (classes 3 | 4), bottom
 # left under the mix cell, bottom right under the ignore cell; (2,2) has p == tau exactly.
 
-U0 = [[1, 1], [0, I]]
-Y0 = [[3, 4], [I, I]]
+U0 = [[1, 1], [0, X]]
+Y0 = [[3, 4], [X, X]]
 P0 = [[0.95, 0.5], [0.99, 0.99]]
-U1 = [[1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 1, I], [1, I, I, I]]
-Y1 = [[3, 3, 4, 4], [3, 3, 4, 4], [5, I, 7, I], [6, I, I, I]]
+U1 = [[1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 1, X], [1, X, X, X]]
+Y1 = [[3, 3, 4, 4], [3, 3, 4, 4], [5, X, 7, X], [6, X, X, X]]
 P1 = [[0.1, 0.1, 0.95, 0.2], [0.1, 0.1, 0.95, 0.95], [0.95, 0.95, 0.9, 0.99], [0.3, 0.99, 0.99, 0.99]]
 
 
@@ -229,7 +229,7 @@ def relabel_case():
 def finest_with_done(parents_done):
     """Level 3 of the case: 9 everywhere, ignore under the level-2 cells marked 1."""
     done = np.kron(np.array(parents_done), np.ones((2, 2), dtype=np.int64)).astype(bool)
-    return t(np.where(done, I, 9).tolist())
+    return t(np.where(done, X, 9).tolist())
 
 
 def test_relabel_naive_changes_nothing():
@@ -244,8 +244,8 @@ def test_relabel_simple_fix():
     new_sem, new_uni = relabel(semantic, unity, None, "simple_fix")  # probabilities not needed
     assert torch.equal(new_sem[0], t(Y0)) and torch.equal(new_uni[0], t(U0))  # triggers keep labels
     # Both GT unity cells of level 1 trigger, the false negative (0,1) included.
-    assert torch.equal(new_sem[1], t([[I, I, I, I], [I, I, I, I], [5, I, 7, I], [6, I, I, I]]))
-    assert torch.equal(new_uni[1], t([[I, I, I, I], [I, I, I, I], [1, 0, 1, I], [1, I, I, I]]))
+    assert torch.equal(new_sem[1], t([[X, X, X, X], [X, X, X, X], [5, X, 7, X], [6, X, X, X]]))
+    assert torch.equal(new_uni[1], t([[X, X, X, X], [X, X, X, X], [1, 0, 1, X], [1, X, X, X]]))
     # Level 3: done under the done level-2 cells and under the GT unity ones (2,0), (2,2), (3,0).
     assert torch.equal(new_sem[2], finest_with_done([[1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 1, 0], [1, 0, 0, 0]]))
     assert torch.equal(new_uni[2], unity[2])  # the finest unity map is never relabelled
@@ -257,8 +257,8 @@ def test_relabel_true_positive():
     new_sem, new_uni = relabel(semantic, unity, probs, "true_positive", tau=0.9)
     assert torch.equal(new_sem[0], t(Y0)) and torch.equal(new_uni[0], t(U0))
     # Only the true positive (0,0) relabels its children; the false negative (0,1) does not.
-    assert torch.equal(new_sem[1], t([[I, I, 4, 4], [I, I, 4, 4], [5, I, 7, I], [6, I, I, I]]))
-    assert torch.equal(new_uni[1], t([[I, I, 1, 1], [I, I, 1, 1], [1, 0, 1, I], [1, I, I, I]]))
+    assert torch.equal(new_sem[1], t([[X, X, 4, 4], [X, X, 4, 4], [5, X, 7, X], [6, X, X, X]]))
+    assert torch.equal(new_uni[1], t([[X, X, 1, 1], [X, X, 1, 1], [1, 0, 1, X], [1, X, X, X]]))
     # Level 2 triggers: (0,2), (1,2), (1,3), (2,0) and (2,2) (p == tau); not (0,3) or (3,0)
     # (false negatives), (2,1) (mix) or the ignore cells, whatever their probability.
     assert torch.equal(new_sem[2], finest_with_done([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 0]]))
@@ -270,7 +270,7 @@ def test_relabel_inputs_untouched_and_unity_of_length_l_minus_1():
     copies = [x.clone() for x in semantic + unity]
     new_sem, new_uni = relabel(semantic, unity[:2], probs, "true_positive")
     assert len(new_sem) == 3 and len(new_uni) == 2
-    assert torch.equal(new_uni[1], t([[I, I, 1, 1], [I, I, 1, 1], [1, 0, 1, I], [1, I, I, I]]))
+    assert torch.equal(new_uni[1], t([[X, X, 1, 1], [X, X, 1, 1], [1, 0, 1, X], [1, X, X, X]]))
     for a, b in zip(semantic + unity, copies, strict=True):
         assert torch.equal(a, b)
 
@@ -297,8 +297,8 @@ def test_loss_by_hand():
     sem0 = torch.tensor([[[[2.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]]]])  # (1, C=2, 1, 3)
     sem1 = torch.tensor([[[[1.0, 0.0, 5.0]], [[1.0, 3.0, -5.0]]]])
     uni0 = torch.tensor([[[0.5, -1.0, 2.0]]])  # logits; targets 1 | ignore | 0
-    sem_targets = [t([[0, I, 1]]), t([[1, 0, I]])]
-    uni_targets = [t([[1, I, 0]])]
+    sem_targets = [t([[0, X, 1]]), t([[1, 0, X]])]
+    uni_targets = [t([[1, X, 0]])]
     ce0 = (softplus(-2.0) + math.log(2.0)) / 2  # CE([2,0], 0), CE([0,0], 1)
     ce1 = (math.log(2.0) + softplus(3.0)) / 2  # CE([1,1], 1), CE([0,3], 0)
     bce0 = (softplus(-0.5) + softplus(2.0)) / 2  # BCE(0.5, 1), BCE(2, 0)
@@ -312,9 +312,9 @@ def test_loss_level_without_valid_cells_is_zero_with_finite_gradients():
     torch.manual_seed(0)
     sem = [torch.randn(2, 3, h, h, requires_grad=True) for h in (1, 2, 4)]
     uni = [torch.randn(2, h, h, requires_grad=True) for h in (1, 2)]
-    sem_targets = [torch.zeros(2, 1, 1, dtype=torch.long), torch.full((2, 2, 2), I), torch.ones(2, 4, 4, dtype=torch.long)]
+    sem_targets = [torch.zeros(2, 1, 1, dtype=torch.long), torch.full((2, 2, 2), X), torch.ones(2, 4, 4, dtype=torch.long)]
     # L unity targets: the finest is not used (it even has a wrong shape here).
-    uni_targets = [torch.ones(2, 1, 1, dtype=torch.long), torch.full((2, 2, 2), I), torch.zeros(3, 3)]
+    uni_targets = [torch.ones(2, 1, 1, dtype=torch.long), torch.full((2, 2, 2), X), torch.zeros(3, 3)]
     total, parts = pyramid_loss(sem, uni, sem_targets, uni_targets)
     ce0 = torch.nn.functional.cross_entropy(sem[0], sem_targets[0])
     ce2 = torch.nn.functional.cross_entropy(sem[2], sem_targets[2])
@@ -327,7 +327,7 @@ def test_loss_level_without_valid_cells_is_zero_with_finite_gradients():
     assert torch.equal(sem[1].grad, torch.zeros_like(sem[1])) and torch.equal(uni[1].grad, torch.zeros_like(uni[1]))
     # Everything ignored: exactly zero, no NaN.
     total, _ = pyramid_loss(
-        sem, uni, [torch.full_like(y, I) for y in sem_targets], [torch.full_like(u, I) for u in uni_targets[:2]]
+        sem, uni, [torch.full_like(y, X) for y in sem_targets], [torch.full_like(u, X) for u in uni_targets[:2]]
     )
     assert total.item() == 0.0
 
@@ -335,10 +335,10 @@ def test_loss_level_without_valid_cells_is_zero_with_finite_gradients():
 def test_loss_is_float32_for_bf16_logits_and_single_level():
     torch.manual_seed(1)
     logits = torch.randn(1, 4, 2, 2).bfloat16()
-    target = torch.tensor([[[0, 1], [I, 3]]])
+    target = torch.tensor([[[0, 1], [X, 3]]])
     total, parts = pyramid_loss([logits], [], [target], [])
     assert total.dtype == torch.float32
-    expected = torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=I)
+    expected = torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=X)
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
     assert parts["unity"].item() == 0.0
 

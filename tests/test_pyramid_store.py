@@ -128,7 +128,7 @@ def test_write_pyramids_matches_pyramid_targets(synthetic_root, tmp_path, base_s
     assert index["base_size"] == base_size and index["split"] == "val" and index["dataset"] == "synth"
     assert index["eval_sizes"]["val_00000"] == list(store.network_size(48, 64, base_size)) == list(size)
 
-    for i, image_id in enumerate(ids):
+    for image_id in ids:
         raw = np.asarray(Image.open(synthetic_root / "labels" / f"{image_id}.png"))
         label = store.evaluation_label(raw, base_size)
         assert label.shape == size

@@ -10,7 +10,15 @@ import pytest
 from segrepro.config.table_specs import check_table_spec, parse_ref, row_key, table_row_keys
 from segrepro.core.errors import SegreproError
 from segrepro.core.paths import claims_path
-from segrepro.reporting.markdown import CLAIMS_NOTE, NOT_DECISIVE, NOT_TOLD_APART, REPRODUCED, header_claims_document, read_claims, write_files
+from segrepro.reporting.markdown import (
+    CLAIMS_NOTE,
+    NOT_DECISIVE,
+    NOT_TOLD_APART,
+    REPRODUCED,
+    header_claims_document,
+    read_claims,
+    write_files,
+)
 from segrepro.reporting.tables import build_table, declared_paper_note, load_metrics
 
 SPEC = {

@@ -30,27 +30,27 @@ PAPER = "loadtest"
 # One job: imports done, it says it is ready and waits for the common start signal, then logs one
 # run the way training does (params and tags at the start, metrics every step, an artifact, FINISHED
 # at the end) and prints how many locked writes it had to repeat.
-WORKER = textwrap.dedent("""
+WORKER = f"PAPER, STEPS = {PAPER!r}, {STEPS}\n" + textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import mlflow  # noqa: F401  (imported before the start, as a job has long before it logs)
     from segrepro.pipeline import tracking
 
     index, ready, go = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
-    config = {"paper": "%s", "experiment": f"job{index}", "seed": index,
-              "train": {"lr": 0.01, "iterations": %d, "crop": [8, 8]}}
+    config = {"paper": PAPER, "experiment": f"job{index}", "seed": index,
+              "train": {"lr": 0.01, "iterations": STEPS, "crop": [8, 8]}}
     run_dir = Path("results/runs") / f"job{index}"
     ready.touch()
     while not go.exists():
         time.sleep(0.002)
     with tracking.Run(run_dir, config, {"job": str(index)}) as run:
-        for step in range(1, %d + 1):
+        for step in range(1, STEPS + 1):
             run.log_metrics({"loss": 1.0 / step, "lr": 0.01 * index}, step=step)
         run.log_metrics({"train_seconds": 1.0})
         (run_dir / "note.txt").write_text(f"job {index}\\n")
         run.log_artifact(run_dir / "note.txt")
     print(f"retries={tracking.retries}")
-""" % (PAPER, STEPS, STEPS))
+""")
 
 
 def run_jobs(cwd: Path, uri: str | None, jobs: int = JOBS) -> float:

@@ -23,6 +23,7 @@ import os
 import shutil
 from collections import defaultdict
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -272,8 +273,7 @@ def _pascal_context(where: str, declaration: dict, parts: dict[str, Path]) -> Pl
             if not image.is_file():
                 raise SegreproError(f"{image}: missing, but annotated in {json_path} (label without an image)")
             size = (int(img["height"]), int(img["width"]))
-            read = (lambda size=size, anns=annotations[img["image_id"]], culprit=culprit:
-                    _paint_detail(size, anns, category_ids, culprit))
+            read = partial(_paint_detail, size, annotations[img["image_id"]], category_ids, culprit)
             items.append(Item(phase, file_name[: -len(".jpg")], image, read, culprit))
     except (KeyError, TypeError, ValueError) as exc:
         raise SegreproError(f"{json_path}: not in the Detail API format: {type(exc).__name__} "

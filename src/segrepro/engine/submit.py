@@ -30,7 +30,7 @@ from segrepro.core.errors import SegreproError
 from segrepro.core.provenance import git_commit
 from segrepro.data import cityscapes
 from segrepro.data.dataset import SplitImages
-from segrepro.data.test_servers import server
+from segrepro.data.test_servers import Server, server
 from segrepro.engine import inference
 from segrepro.engine.checkpoint import load_model
 from segrepro.pipeline import tracking

@@ -318,7 +318,7 @@ class Run:
         self._flushed_at = time.monotonic()
         self._logged: set[tuple[str, int]] | None = None  # (key, step) in the store: log_metrics_once
 
-    def __enter__(self) -> "Run":
+    def __enter__(self) -> Run:
         if not enabled():
             return self
         from mlflow.entities import Param, RunStatus, RunTag

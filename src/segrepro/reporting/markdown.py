@@ -13,8 +13,8 @@ from pathlib import Path
 
 from segrepro.config.table_specs import DEFAULT_CLAIM_METRIC
 from segrepro.core.atomic import write_text
-from segrepro.core.paths import claims_path
 from segrepro.core.errors import SegreproError
+from segrepro.core.paths import claims_path
 
 MISSING = "–"  # en dash, for a number the paper does not give
 MINUS = "−"  # the real minus sign, so that "−0.45" lines up with "+1.23"

@@ -37,15 +37,15 @@ def plot_table_chart(title: str, labels: list[str], metrics: dict[str, dict[str,
     axes = fig.subplots(len(metrics), 1, squeeze=False, sharex=True)
     width = 0.38
     for ax, (name, series) in zip(axes[:, 0], metrics.items()):
-        def bars(values, offset, **style):
+        def bars(ax, values, offset, **style):
             shown = [(i, v) for i, v in enumerate(values) if _number(v)]
             if shown:
                 positions, heights = zip(*shown)
                 ax.bar(np.asarray(positions) + offset, heights, width, **style)
 
-        bars(series["paper"], -width / 2, color="#9ecae1", label="paper")
+        bars(ax, series["paper"], -width / 2, color="#9ecae1", label="paper")
         ours = series["ours"]
-        bars(ours, width / 2, color="#e6550d", label="reproduced")
+        bars(ax, ours, width / 2, color="#e6550d", label="reproduced")
         errors = [(i, m, s) for i, (m, s) in enumerate(zip(ours, series.get("std") or [None] * len(ours)))
                   if _number(m) and _number(s)]
         if errors:
