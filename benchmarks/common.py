@@ -164,7 +164,8 @@ def _in_child(connection, fn: Callable, args: tuple) -> None:
 
 
 _fork_server = None
-PRELOAD = ("torch", "timm", "segmentation_models_pytorch", "segrepro.models", "segrepro.engine.train", "segrepro.config")
+PRELOAD = ("torch", "timm", "segmentation_models_pytorch", "segrepro.models", "segrepro.engine.train",
+           "segrepro.config")
 
 
 def _memory_context():

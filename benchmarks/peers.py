@@ -240,9 +240,11 @@ def markdown(record: dict) -> str:
             name, f"{o['params_m']:.1f} / {p['params_m']:.1f}",
             f"{o['train_step_gflop']:.0f} / {p['train_step_gflop']:.0f}",
             f"{o['train_images_per_s']:.2f} / {p['train_images_per_s']:.2f}",
-            f"**{pair['train_ratio']['median']:.2f}** ({pair['train_ratio']['min']:.2f}–{pair['train_ratio']['max']:.2f})",
+            f"**{pair['train_ratio']['median']:.2f}** "
+            f"({pair['train_ratio']['min']:.2f}–{pair['train_ratio']['max']:.2f})",
             f"{o['inference_images_per_s']:.2f} / {p['inference_images_per_s']:.2f}",
-            f"{pair['inference_ratio']['median']:.2f} ({pair['inference_ratio']['min']:.2f}–{pair['inference_ratio']['max']:.2f})",
+            f"{pair['inference_ratio']['median']:.2f} "
+            f"({pair['inference_ratio']['min']:.2f}–{pair['inference_ratio']['max']:.2f})",
             f"{pair['train_work_rate_ratio']:.2f}",
             f"{o['peak_mib']:,.0f} / {p['peak_mib']:,.0f}",
         ])
@@ -304,7 +306,8 @@ def main() -> None:
         "torch_version": torch.__version__,
         "memory": MEMORY_METHOD[device.type],
         "memory_floor_mib": floor,
-        "settings": {k: getattr(args, k) for k in ("size", "batch", "repeats", "steps", "warmup", "precision", "scale")},
+        "settings": {k: getattr(args, k)
+                     for k in ("size", "batch", "repeats", "steps", "warmup", "precision", "scale")},
         "num_classes": NUM_CLASSES,
         "pairs": pairs,
         "smp_default_pspnet": {"params_m": parameter_count(make_default()) / 1e6,

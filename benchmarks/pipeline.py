@@ -202,7 +202,8 @@ def loader_vs_training(datasets: dict, steps: dict) -> dict:
             inline = workers["loading"]["0"]["images_per_s"]
             load_s = step["batch"] / inline
             ratios[f"{dataset} / {model}"] = {
-                **{f"{w}_workers": workers["loading"][w]["images_per_s"] / step["images_per_s"] for w in workers["loading"]},
+                **{f"{w}_workers": workers["loading"][w]["images_per_s"] / step["images_per_s"]
+                   for w in workers["loading"]},
                 "inline_share": load_s / (load_s + step["step_s"]["median"]),
             }
     return ratios
@@ -216,10 +217,12 @@ def markdown(record: dict) -> str:
         f"{record['device']}.", "",
         markdown_table(["what", "jobs", "seconds (median; min–max)"], [
             [f"`snakemake -n all`, {scale}", dry[scale]["jobs"],
-             f"{dry[scale]['seconds']['median']:.2f} ({dry[scale]['seconds']['min']:.2f}–{dry[scale]['seconds']['max']:.2f})"]
+             f"{dry[scale]['seconds']['median']:.2f} "
+             f"({dry[scale]['seconds']['min']:.2f}–{dry[scale]['seconds']['max']:.2f})"]
             for scale in dry
         ] + [[f"no-op rerun of `{rerun['target']}` (tiny)", 0,
-              f"{rerun['rerun_seconds']['median']:.2f} ({rerun['rerun_seconds']['min']:.2f}–{rerun['rerun_seconds']['max']:.2f})"]]),
+              f"{rerun['rerun_seconds']['median']:.2f} "
+              f"({rerun['rerun_seconds']['min']:.2f}–{rerun['rerun_seconds']['max']:.2f})"]]),
         "",
         "Data loading (decode + augment), images/s:", "",
         markdown_table(["dataset", *[f"{w} workers" for w in WORKERS], "preparation s"], [
@@ -274,7 +277,8 @@ def main() -> None:
         if not args.quick and camvid_source() is not None:
             sources.append(("camvid", camvid_source()))
         train = params().scale(scale)["train"]
-        record["loader_settings"] = {k: train[k] for k in ("batch_size", "crop_size", "scale_range", "flip", "brightness")}
+        record["loader_settings"] = {k: train[k]
+                                     for k in ("batch_size", "crop_size", "scale_range", "flip", "brightness")}
         record["datasets"] = {}
         for name, source in sources:
             root, prepare_seconds = prepared(project, name, source)
@@ -282,7 +286,8 @@ def main() -> None:
             print(f"data loading, {name} ({card['splits']['train']} training images"
                   f"{f', prepared in {prepare_seconds:.1f} s' if prepare_seconds else ''}): batch "
                   f"{train['batch_size']}, crop {train['crop_size']}", flush=True)
-            record["datasets"][name] = {"prepare_seconds": prepare_seconds, "loading": loading(root, train, batches, repeats)}
+            record["datasets"][name] = {"prepare_seconds": prepare_seconds,
+                                        "loading": loading(root, train, batches, repeats)}
         print(f"training steps on {device.type}:", flush=True)
         record["training"] = training_steps(scale, device, steps)
         record["loader_vs_training"] = loader_vs_training(record["datasets"], record["training"])

@@ -75,7 +75,8 @@ def point(args, device: torch.device, strides: list[int], size: int) -> dict:
     flops = step_flops(lambda: build_ours(config, NUM_CLASSES), args.batch, size)
     result = {"size": size, "strides": strides, "levels": len(strides), "step_s": spread(times),
               "peak_mib": peak, "train_step_gflop": flops["train_step_gflop"]}
-    print(f"  {size:5d} px, strides {','.join(map(str, strides)):10s}: {result['step_s']['median'] * 1e3:9.1f} ms/step, "
+    print(f"  {size:5d} px, strides {','.join(map(str, strides)):10s}: "
+          f"{result['step_s']['median'] * 1e3:9.1f} ms/step, "
           f"peak {peak:8,.0f} MiB, {flops['train_step_gflop']:8.1f} GFLOP/step", flush=True)
     return result
 

@@ -155,8 +155,8 @@ def main() -> None:
     peak = peak_flops(name) if device.type == "cuda" else None
     mfu_note = (f"MFU against {peak / 1e12:.0f} TFLOP/s (dense bf16)." if peak
                 else f"MFU not given: no peak FLOP/s known for {name}.")
-    print(f"{name}: {model_name}, {args.size}x{args.size}, batch {args.batch}, {flops / 1e9:,.3g} GFLOP/step. {mfu_note}",
-          flush=True)
+    print(f"{name}: {model_name}, {args.size}x{args.size}, batch {args.batch}, "
+          f"{flops / 1e9:,.3g} GFLOP/step. {mfu_note}", flush=True)
 
     variants = {}
     for variant in args.variants:
@@ -177,7 +177,8 @@ def main() -> None:
     best = max((v["it_per_s"] for v in variants.values() if "it_per_s" in v), default=0.0)
     target_note = (
         f"Best {best:.2f} it/s at batch {args.batch} = {best / PAPER_IT_PER_S:.2f}x the paper's {PAPER_IT_PER_S} it/s "
-        f"at batch {PAPER_BATCH} (target {TARGET_FACTOR:.0f}x), {best * args.batch / (PAPER_IT_PER_S * PAPER_BATCH):.2f}x "
+        f"at batch {PAPER_BATCH} (target {TARGET_FACTOR:.0f}x), "
+        f"{best * args.batch / (PAPER_IT_PER_S * PAPER_BATCH):.2f}x "
         "its images/s." if not quick else
         f"Quick form on {name}: these figures check the benchmark, not the target "
         f"({TARGET_FACTOR:.0f}x the paper's {PAPER_IT_PER_S} it/s needs CUDA and the paper model)."

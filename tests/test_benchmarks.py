@@ -19,7 +19,8 @@ def run_benchmark(name: str, out, *args: str, timeout: float = 300) -> dict:
     that it wrote OUT/NAME.json and OUT/NAME.md (one table, one title) and nothing else but what
     the benchmark names (scaling's PNG)."""
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--quick", "--device", "cpu", "--out", str(out), *args],
+        [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--quick", "--device", "cpu", "--out", str(out),
+         *args],
         capture_output=True, text=True, timeout=timeout, check=False, cwd=REPO,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -203,7 +203,8 @@ def test_old_metrics_without_per_image_statistics_still_make_a_table(tmp_path):
     assert claim["verdict"] == NOT_TOLD_APART
     assert "Δ +5.00, no interval" in claim["evidence"] and "no per-image statistics" in claim["evidence"]
 
-    two_seeds = {"a@ss": [dict(old, miou=45.0), dict(old, miou=45.4)], "b@ss": [dict(old, miou=50.0), dict(old, miou=50.4)]}
+    two_seeds = {"a@ss": [dict(old, miou=45.0), dict(old, miou=45.4)],
+                 "b@ss": [dict(old, miou=50.0), dict(old, miou=50.4)]}
     claim = claim_line(two_seeds)
     assert claim["verdict"] == REPRODUCED
     assert "the intervals count the seeds only" in claim["evidence"]
@@ -229,8 +230,10 @@ def test_three_verdicts_end_to_end_with_two_seeds(project, edit_params):
     both seeds: Δ ± h decides the verdict, the mirror gets the opposite one, the row against
     itself is never told apart, and `segrepro claims` counts what the table says."""
     edit_params("papers/pspnet.yaml", {"tables": {"pspnet_table2": {
-        "rows": [{"label": "FCN", "experiment": "fcn", "protocol": "ss", "paper": {"miou": 37.23, "pixel_acc": 78.01}},
-                 {"label": "PSPNet", "experiment": "psp50", "protocol": "ss", "paper": {"miou": 41.68, "pixel_acc": 80.04}}],
+        "rows": [{"label": "FCN", "experiment": "fcn", "protocol": "ss",
+                  "paper": {"miou": 37.23, "pixel_acc": 78.01}},
+                 {"label": "PSPNet", "experiment": "psp50", "protocol": "ss",
+                  "paper": {"miou": 41.68, "pixel_acc": 80.04}}],
         "claims": [{"claim": "PSP over FCN", "better": ["psp50"], "than": ["fcn"]},
                    {"claim": "FCN over PSP", "better": ["fcn"], "than": ["psp50"]},
                    {"claim": "PSP over itself", "better": ["psp50"], "than": ["psp50"]}],

@@ -97,8 +97,10 @@ def test_resolution_layers(params):
         "lr_mult": {"context": 10, "head": 10, "aux_head": 10}, "brightness": 0.0, "rotate": 10, "blur": 0.5,
         "crop_size": 49})
     for scale in params.scales:
-        assert params.resolve("pspnet", "psp50", scale)["train"]["lr_mult"] == {"context": 10, "head": 10, "aux_head": 10}
-        assert params.resolve("pspnet", "psp50_lr_mult1", scale)["train"]["lr_mult"] == {"context": 1, "head": 1, "aux_head": 1}
+        assert params.resolve("pspnet", "psp50", scale)["train"]["lr_mult"] == {
+            "context": 10, "head": 10, "aux_head": 10}
+        assert params.resolve("pspnet", "psp50_lr_mult1", scale)["train"]["lr_mult"] == {
+            "context": 1, "head": 1, "aux_head": 1}
     assert tiny["model"]["head"]["channels"] == 16                     # paper's tiny refinement
     assert tiny["model"]["backbone"]["kwargs"] == {                    # both kwargs layers merged
         "channels": [4, 8, 16, 32], "stem_width": 4, "layers": [3, 30, 48, 8]}
@@ -227,10 +229,13 @@ def test_saf_model_keys_are_checked_against_their_family(root, override, culprit
 
 
 @pytest.mark.parametrize("paper, override, culprit", [
-    ("pspnet", {"train": {"lr_mult": {"ppm": 10}}}, r"pspnet.yaml: train.lr_mult: unknown module 'ppm' of a pspnet model \(known: backbone, context, head, aux_head\)"),
+    ("pspnet", {"train": {"lr_mult": {"ppm": 10}}},
+     r"pspnet.yaml: train.lr_mult: unknown module 'ppm' of a pspnet model"
+     r" \(known: backbone, context, head, aux_head\)"),
     ("pspnet", {"experiments": {"psp50": {"scales": {"demo": {"train": {"lr_mult": {"classifier": 10}}}}}}},
      "experiments.psp50.scales.demo.train.lr_mult: unknown module 'classifier'"),
-    ("hfgd", {"settings": {"plain": {"train": {"lr_mult": {"head": 10}}}}}, "settings.plain.train.lr_mult: unknown module 'head' of a hfgd"),
+    ("hfgd", {"settings": {"plain": {"train": {"lr_mult": {"head": 10}}}}},
+     "settings.plain.train.lr_mult: unknown module 'head' of a hfgd"),
     ("saf", {"scales": {"paper": {"datasets": {"cocostuff10k": {"train": {"lr_mult": {"context": 10}}}}}}},
      "scales.paper.datasets.cocostuff10k.train.lr_mult: unknown module 'context' of a saf"),
     ("pspnet", {"train": {"lr_mult": {"head": 0}}}, "train.lr_mult.head: 0"),             # the schema: > 0
@@ -413,7 +418,8 @@ def test_experiments_have_distinct_training_hashes(params):
 
 def stage(name, family=None, data=None):
     src = REPO / "src"
-    return {str(Path(p).relative_to(src)) for p in codedeps.stage_sources(name, family, source_root=str(src), data=data)}
+    return {str(Path(p).relative_to(src))
+            for p in codedeps.stage_sources(name, family, source_root=str(src), data=data)}
 
 
 def test_stage_sources_of_one_model_family():
@@ -421,8 +427,9 @@ def test_stage_sources_of_one_model_family():
     pspnet_train, saf_train = stage("train", "pspnet"), stage("train", "saf")
     assert "segrepro/models/pspnet/pspnet.py" in pspnet_train and "segrepro/models/pspnet/pspnet.py" not in saf_train
     assert not {"segrepro/models/saf/specialize_fuse.py", "segrepro/models/saf/pyramid.py"} & pspnet_train
-    assert {"segrepro/models/saf/specialize_fuse.py", "segrepro/models/common/hrnet.py", "segrepro/models/saf/pyramid.py",
-            "segrepro/models/saf/features.py", "segrepro/models/common/losses.py"} <= saf_train
+    assert {"segrepro/models/saf/specialize_fuse.py", "segrepro/models/common/hrnet.py",
+            "segrepro/models/saf/pyramid.py", "segrepro/models/saf/features.py",
+            "segrepro/models/common/losses.py"} <= saf_train
     assert not any(p.startswith(("segrepro/models/pspnet/", "segrepro/models/hfgd/")) for p in saf_train)
     assert "segrepro/engine/saf_analysis.py" in stage("evaluate", "saf")
     assert "segrepro/engine/saf_analysis.py" not in stage("evaluate", "pspnet")
@@ -444,7 +451,8 @@ def test_stage_sources():
     assert "segrepro/data/synthetic.py" in prepare and "segrepro/engine/train.py" not in prepare
     for files in (table, train, evaluate, prepare):
         assert all((REPO / "src" / f).is_file() for f in files)
-    assert codedeps.stage_sources("train", source_root=str(REPO / "src")) == sorted(codedeps.stage_sources("train", source_root=str(REPO / "src")))
+    train_sources = codedeps.stage_sources("train", source_root=str(REPO / "src"))
+    assert train_sources == sorted(train_sources)
 
 
 def test_the_synthetic_generator_is_code_of_synthetic_data_only():
@@ -498,7 +506,8 @@ def test_stage_sources_follow_lazy_and_relative_imports(tmp_path):
     (pkg / "sub" / "helper.py").write_text("from segrepro import leaf\n")
     (pkg / "leaf.py").write_text("import os\n")
     (pkg / "unused.py").write_text("")
-    found = {Path(p).relative_to(tmp_path).as_posix() for p in codedeps.stage_sources("table", source_root=str(tmp_path))}
+    found = {Path(p).relative_to(tmp_path).as_posix()
+             for p in codedeps.stage_sources("table", source_root=str(tmp_path))}
     assert found == {"segrepro/__init__.py", "segrepro/tables.py", "segrepro/sub/__init__.py",
                      "segrepro/sub/helper.py", "segrepro/leaf.py"}
 
@@ -572,7 +581,8 @@ def test_a_datasets_protocol_sits_right_after_its_scale_layer(root):
     assert run["train"]["batch_size"] == 9 and run["model"]["encoder"]["hidden"] == 7  # the experiment's, last
     # Another dataset, or the same dataset at another scale, does not see the layer.
     other = params.resolve("hfgd", "fcn_aspp", "paper", "pascal_context")
-    assert (other["train"]["crop_size"], other["train"]["batch_size"], other["model"]["encoder"]["hidden"]) == (513, 5, 512)
+    assert (other["train"]["crop_size"], other["train"]["batch_size"],
+            other["model"]["encoder"]["hidden"]) == (513, 5, 512)
     assert params.resolve("hfgd", "fcn_aspp", "demo", "cocostuff10k")["train"]["crop_size"] == 96
     # The layer follows the run's dataset however it is chosen: a table's, the command line's.
     assert params.resolve("hfgd", "fcn_identity", "paper", params.table_dataset("hfgd_table17", "paper"))[

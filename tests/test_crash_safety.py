@@ -388,6 +388,7 @@ def test_progress_lines_of_a_training(tmp_path):
     assert out.getvalue().splitlines() == [
         "train pspnet/psp50 seed0 (demo, synthetic): started at iteration 0 of 800",
         # 21 s for 240 iterations: 49 s for the 560 left.
-        "train pspnet/psp50 seed0 (demo, synthetic): 30% (240/800 iterations, loss 1.412; 0:21 so far, about 0:49 left)",
+        "train pspnet/psp50 seed0 (demo, synthetic): 30% (240/800 iterations, loss 1.412; 0:21 so far,"
+        " about 0:49 left)",
         "train pspnet/psp50 seed0 (demo, synthetic): done, 800 iterations (1:10)",
     ]

@@ -137,7 +137,8 @@ def test_only_the_efficiency_stage_runs_model_code():
 
     table, timing = stage("table"), stage("efficiency", "saf")
     assert "segrepro/reporting/efficiency_table.py" in table
-    assert not {"segrepro/measure/efficiency.py", "segrepro/measure/efficiency_probe.py", "segrepro/engine/train.py"} & table
+    assert not {"segrepro/measure/efficiency.py", "segrepro/measure/efficiency_probe.py",
+                "segrepro/engine/train.py"} & table
     assert not any("models" in p for p in table)
     assert {"segrepro/measure/efficiency.py", "segrepro/measure/efficiency_probe.py", "segrepro/engine/train.py",
             "segrepro/models/saf/context_heads.py",
@@ -151,7 +152,8 @@ def test_row_jobs_time_the_papers_architectures_at_the_demo_scale(params):
     jobs = efficiency.row_jobs(params, "table5", "demo", "cpu", 2)
     assert {job["model"]["backbone"]["name"] for job in jobs.values()} == {"hrnet_w48"}
     assert not any(job["model"]["backbone"]["pretrained"] for job in jobs.values())
-    assert [jobs[row]["head"] for row in ("hrnet48", "ccnet", "anl", "ocr", "ours")] == [None, "ccnet", None, "ocr", None]
+    assert [jobs[row]["head"] for row in ("hrnet48", "ccnet", "anl", "ocr", "ours")] == [
+        None, "ccnet", None, "ocr", None]
     assert (jobs["ours"]["model"]["head"]["output"], jobs["anl"]["model"]["head"]["context"]) == ("pyramidal", "anl")
     assert (jobs["ours"]["input_size"], jobs["ours"]["threads"], jobs["ours"]["batch_size"]) == (256, 2, 4)
     assert efficiency.row_jobs(params, "table5", "demo", "cuda", None)["ours"]["input_size"] == 512
@@ -270,22 +272,30 @@ def broken(spec: dict, change) -> dict:
 @pytest.mark.parametrize("change, message", [
     # The structure, from the schema's efficiency_table (workflow/schemas/params.schema.yaml):
     (lambda s: s["rows"][1].update(head="aspp"), "rows.1.head: 'aspp' is not one of ['plain', 'ccnet', 'ocr']"),
-    (lambda s: s["rows"][0].update(resnet_output_stride=8), "rows.0: 'head' is a dependency of 'resnet_output_stride'"),
-    (lambda s: s["rows"][1].update(resnet_output_stride=16), "rows.1.resnet_output_stride: 16 is not one of [8, 32]"),
-    (lambda s: s["rows"][0].update(protocol="ms"), "rows.0.protocol: 'ms' given, 'ss' expected (only the single-scale test pass is timed)"),
-    (lambda s: s["rows"][0]["paper"].update(test_fps=-1), "rows.0.paper.test_fps: -1 is less than or equal to the minimum of 0"),
-    (lambda s: s["rows"][0]["paper"].update(miou=40.0), "rows.0.paper: 'miou' is not one of ['test_fps', 'train_its', 'train_mem_gb']"),
+    (lambda s: s["rows"][0].update(resnet_output_stride=8),
+     "rows.0: 'head' is a dependency of 'resnet_output_stride'"),
+    (lambda s: s["rows"][1].update(resnet_output_stride=16),
+     "rows.1.resnet_output_stride: 16 is not one of [8, 32]"),
+    (lambda s: s["rows"][0].update(protocol="ms"),
+     "rows.0.protocol: 'ms' given, 'ss' expected (only the single-scale test pass is timed)"),
+    (lambda s: s["rows"][0]["paper"].update(test_fps=-1),
+     "rows.0.paper.test_fps: -1 is less than or equal to the minimum of 0"),
+    (lambda s: s["rows"][0]["paper"].update(miou=40.0),
+     "rows.0.paper: 'miou' is not one of ['test_fps', 'train_its', 'train_mem_gb']"),
     (lambda s: s["rows"][0].pop("id"), "rows.0: 'id' is a required property"),
     (lambda s: s["claims"][0].pop("metric"), "claims.0: 'metric' is a required property"),
-    (lambda s: s["claims"][0].update(best="ours"), "claims.0: 'best' is not allowed here (an efficiency claim compares"),
+    (lambda s: s["claims"][0].update(best="ours"),
+     "claims.0: 'best' is not allowed here (an efficiency claim compares"),
     (lambda s: s["efficiency"]["cpu"].update(input_size=100), "efficiency.cpu.input_size: 100 is not a multiple of 32"),
     (lambda s: s["efficiency"].update(precision="fp16"), "efficiency.precision: 'fp16' is not one of ['fp32', 'bf16']"),
     (lambda s: s.update(metrics=["miou"]), "metrics.0: 'miou' is not one of ['test_fps', 'train_its', 'train_mem_gb']"),
-    (lambda s: s.update(grid={"rows": ["a"], "columns": ["b"]}), "(top level): 'grid' is not allowed here (an efficiency table has no grid)"),
+    (lambda s: s.update(grid={"rows": ["a"], "columns": ["b"]}),
+     "(top level): 'grid' is not allowed here (an efficiency table has no grid)"),
     # What refers to other keys, in segrepro.config.efficiency_spec:
     (lambda s: s["rows"][2].update(id="ccnet"), "row 'ccnet': the id must be unique"),
     (lambda s: s["claims"][0].update(than=["pspnet"]), "refers to 'pspnet', which is not a row id"),
-    (lambda s: s.update(metrics=["test_fps", "train_mem_gb"]), "claim 'Our head trains faster than CCNet' needs a 'metric' among the table's"),
+    (lambda s: s.update(metrics=["test_fps", "train_mem_gb"]),
+     "claim 'Our head trains faster than CCNet' needs a 'metric' among the table's"),
     (lambda s: s["claims"][2].update(than=["ccnet"]), "needs 'better' and 'than' lists of row ids of equal length"),
     (lambda s: s["efficiency"].update(reference="nope"), "efficiency.reference 'nope' is not a row id"),
 ])

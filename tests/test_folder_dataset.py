@@ -131,7 +131,8 @@ def test_jpeg_images_palette_labels_and_list_files(tmp_path):
     by_color = {**declaration, "colors": {"0,0,0": 0, "128,0,0": "road", "#008000": 2}, "ignore": ["255,255,255"]}
     colored = prepare(tmp_path, by_color, "voc_colors")
     for stem in ("img_0", "img_8"):
-        assert np.array_equal(read_label(colored / "labels" / f"{stem}.png"), read_label(root / "labels" / f"{stem}.png"))
+        assert np.array_equal(read_label(colored / "labels" / f"{stem}.png"),
+                              read_label(root / "labels" / f"{stem}.png"))
 
 
 def test_rgb_coded_labels_and_a_folder_per_split(tmp_path):
@@ -304,7 +305,8 @@ def test_a_folder_dataset_through_the_workflow_with_a_test_split_and_prepare_rer
     copy_project(root)
     shutil.copy2(mlflow_store_template, tmp_path / "mlflow.db")
     edit_yaml(root / "params/datasets.yaml", {"cells": {
-        **MEMBRANE, "images": {"dir": "{split}/image", "suffix": ".jpg"}, "labels": {"dir": "{split}/label", "suffix": ".png"},
+        **MEMBRANE, "images": {"dir": "{split}/image", "suffix": ".jpg"},
+        "labels": {"dir": "{split}/label", "suffix": ".png"},
         "splits": {"folders": ["train", "val", "test"]}, "eval_split": "test"}})
     env = project_env(tmp_path / "mlflow.db")
     config = ("--config", "scale=tiny", "dataset=cells", f"sources={{cells: {source}}}")

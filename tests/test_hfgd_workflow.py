@@ -56,7 +56,8 @@ def test_table9_shows_our_counts_beside_the_papers(built):
 def test_table2_trains_the_longer_schedules(built):
     iterations = {}
     for experiment in ("fcn_identity", "fcn_scratch", "fcn_scratch_3x", "fcn_scratch_6x"):
-        metrics = json.loads((built / f"results/metrics/tiny/synthetic-tiny/hfgd/{experiment}/seed0/ss.json").read_text())
+        metrics_file = built / f"results/metrics/tiny/synthetic-tiny/hfgd/{experiment}/seed0/ss.json"
+        metrics = json.loads(metrics_file.read_text())
         iterations[experiment] = metrics["iterations"]
     assert iterations == {"fcn_identity": 6, "fcn_scratch": 6, "fcn_scratch_3x": 18, "fcn_scratch_6x": 36}
     text = (built / "results/tables/hfgd_table2.md").read_text()

@@ -1,6 +1,7 @@
-"""Stride-4 feature extractors (segrepro.models.common.hrnet, segrepro.models.saf.features): the upsample+concat fusion on hand-computed
-values, output shapes and channel counts of HRNetFeatures and ResNetDecoder (Sec. 5.1.2, App. D),
-gradient flow, the config builder and its one-line errors. Random init only (no downloads)."""
+"""Stride-4 feature extractors (segrepro.models.common.hrnet, segrepro.models.saf.features): the
+upsample+concat fusion on hand-computed values, output shapes and channel counts of HRNetFeatures
+and ResNetDecoder (Sec. 5.1.2, App. D), gradient flow, the config builder and its one-line errors.
+Random init only (no downloads)."""
 
 import pytest
 import torch

@@ -180,7 +180,8 @@ class TinyDataset:
         return image, label, f"img{i}"
 
 
-@pytest.mark.parametrize("protocol", [{"scales": [1.0], "flip": False}, {"scales": [1.0], "flip": True, "name": "ss+f"}])
+@pytest.mark.parametrize("protocol", [{"scales": [1.0], "flip": False},
+                                      {"scales": [1.0], "flip": True, "name": "ss+f"}])
 def test_evaluate_tiny_dataset(protocol):
     cm = evaluate(
         oracle_forward, TinyDataset(), protocol, "cpu", num_classes=3, crop_size=2, progress=False
@@ -279,6 +280,7 @@ def test_unknown_pad_is_refused():
 def test_evaluate_passes_the_protocols_pad():
     forward = RecordingForward()
     data = [(torch.randn(3, 5, 6), torch.zeros(5, 6, dtype=torch.long), "x")]
-    evaluate(forward, data, {"scales": [1.0], "flip": False, "pad": "each_scale"}, "cpu", 2, crop_size=9, progress=False)
+    evaluate(forward, data, {"scales": [1.0], "flip": False, "pad": "each_scale"}, "cpu", 2, crop_size=9,
+             progress=False)
     assert [tuple(x.shape[-2:]) for x in forward.inputs] == [(9, 9)]
 

@@ -295,7 +295,8 @@ def test_adamw_learns(project):
     config = adamw_config(iterations=60, log_every=10, checkpoint_every=1000, lr=3e-3)
     run_dir = project / "results" / "learn"
     train(config, run_dir / "model.pt", device="cpu")
-    losses = [record["loss"] for record in map(json.loads, (run_dir / LOG).read_text().splitlines()) if "loss" in record]
+    losses = [record["loss"] for record in map(json.loads, (run_dir / LOG).read_text().splitlines())
+              if "loss" in record]
     assert len(losses) == 6
     assert losses[-1] < 0.85 * losses[0], losses
 
@@ -338,4 +339,5 @@ def test_lr_mult_run_resumes_to_the_model_of_an_unbroken_run(project, monkeypatc
     train(deep_merge(config, {"train": {"lr_mult": {"context": 1, "head": 1, "aux_head": 1}}}),
           flat_dir / "model.pt", device="cpu")
     flat = torch.load(flat_dir / "model.pt", weights_only=True)["model"]
-    assert any(not torch.equal(flat[k], theirs[k]) for k in theirs if k.startswith("head.") and theirs[k].is_floating_point())
+    assert any(not torch.equal(flat[k], theirs[k])
+               for k in theirs if k.startswith("head.") and theirs[k].is_floating_point())

@@ -204,7 +204,8 @@ def test_hfgd_sota_runs_take_their_datasets_protocol(params):
         config = train("convnext_usfpn_cae_hfgm", dataset)
         assert (config["optimizer"], config["lr"], config["iterations"], config["crop_size"], config["batch_size"]) == (
             "adamw", 4e-5, 40000, 513, 16), dataset
-    assert (train("convnext_usfpn_cae_hfgm", "ade20k")["crop_size"], train("convnext_usfpn_cae_hfgm", "ade20k")["iterations"]) == (641, 40000)
+    assert (train("convnext_usfpn_cae_hfgm", "ade20k")["crop_size"],
+            train("convnext_usfpn_cae_hfgm", "ade20k")["iterations"]) == (641, 40000)
     assert params.resolve("hfgd", "convnext_usfpn_cae_hfgm", "paper", "ade20k")["eval"]["crop_size"] == 641
     # Cityscapes: 60K at OS 4, 80K at OS 2 (an experiment's own per-dataset layer comes last);
     # the ResNet-50 ablation there keeps the plain 30K.

@@ -71,7 +71,8 @@ def planned_outputs(record: dict) -> set[str]:
         w = job["wildcards"]
         if job["rule"] in ("train", "evaluate"):
             run = (w["scale"], w["dataset"], w["paper"], w["experiment"], int(w["seed"]))
-            outputs.add(str(paths.model_path(*run) if job["rule"] == "train" else paths.metrics_path(*run, w["protocol"])))
+            outputs.add(str(paths.model_path(*run) if job["rule"] == "train"
+                            else paths.metrics_path(*run, w["protocol"])))
     return outputs
 
 

@@ -312,7 +312,8 @@ def test_loss_level_without_valid_cells_is_zero_with_finite_gradients():
     torch.manual_seed(0)
     sem = [torch.randn(2, 3, h, h, requires_grad=True) for h in (1, 2, 4)]
     uni = [torch.randn(2, h, h, requires_grad=True) for h in (1, 2)]
-    sem_targets = [torch.zeros(2, 1, 1, dtype=torch.long), torch.full((2, 2, 2), X), torch.ones(2, 4, 4, dtype=torch.long)]
+    sem_targets = [torch.zeros(2, 1, 1, dtype=torch.long), torch.full((2, 2, 2), X),
+                   torch.ones(2, 4, 4, dtype=torch.long)]
     # L unity targets: the finest is not used (it even has a wrong shape here).
     uni_targets = [torch.ones(2, 1, 1, dtype=torch.long), torch.full((2, 2, 2), X), torch.zeros(3, 3)]
     total, parts = pyramid_loss(sem, uni, sem_targets, uni_targets)
@@ -377,7 +378,8 @@ def fuse_case():
         ids = torch.arange(h * h, dtype=torch.float32).reshape(1, h, h) + 100 * (level + 1)
         semantic.append(torch.stack([ids, -ids], dim=1))
     p0 = torch.tensor([[[0.95, 0.5], [0.9, 0.1]]])
-    p1 = torch.tensor([[[0.99, 0.99, 0.95, 0.1], [0.99, 0.99, 0.1, 0.1], [0.1, 0.1, 0.2, 0.2], [0.1, 0.1, 0.2, 0.8999]]])
+    p1 = torch.tensor([[[0.99, 0.99, 0.95, 0.1], [0.99, 0.99, 0.1, 0.1],
+                        [0.1, 0.1, 0.2, 0.2], [0.1, 0.1, 0.2, 0.8999]]])
     return semantic, [p0, p1]
 
 

@@ -249,7 +249,8 @@ def test_level_table_markdown_and_csv(tmp_path):
     assert rows[3] == ["ℓ'=1 (s32)", "19.00 (21.94)", "30.00 ± 1.41 (28.94)",
                        "**47.00 ± 1.41** (40.05)", "**50.00 ± 1.41** (48.05)"]
 
-    claims = [line for line in text.split("## Claims", 1)[1].split("## Unity", 1)[0].splitlines() if line.startswith("- ")]
+    claims = [line for line in text.split("## Claims", 1)[1].split("## Unity", 1)[0].splitlines()
+              if line.startswith("- ")]
     # Two seeds per cell, values ±1: Welch's half-width t(0.975, 2) · sqrt(2/2 + 2/2) = 4.303 · 1.414 = 6.08.
     assert claims[0].startswith("- ➖ not told apart: For every assignment level ℓ")
     assert "1 of 4 columns (paper's numbers agree)" in claims[0]  # only ℓ=1 clears every interval

@@ -324,7 +324,8 @@ def test_unity_head_abs_switch(params):
     x = torch.randn(1, model.features.out_channels, 8, 8)
     with torch.no_grad():
         embedding = head.reduce(x)
-        centroid = head.centroid(torch.nn.functional.avg_pool2d(embedding, 4)).repeat_interleave(4, 2).repeat_interleave(4, 3)
+        centroid = head.centroid(torch.nn.functional.avg_pool2d(embedding, 4))
+        centroid = centroid.repeat_interleave(4, 2).repeat_interleave(4, 3)
         per_pixel = head.classify((head.pixel(embedding) - centroid).abs())[:, 0]
         expected = per_pixel.reshape(1, 2, 4, 2, 4).amin(dim=(2, 4))
         assert torch.allclose(head(x, [4])[0], expected, atol=1e-5)

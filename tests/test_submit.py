@@ -117,7 +117,8 @@ def test_ade20k_zip_holds_class_plus_one_per_test_image(tmp_path, stubbed):
     stubbed(150)
     root = make_dataset(tmp_path / "ade", ADE_IDS, 150)
     out = tmp_path / "out" / "seed0_ms.zip"
-    manifest = submit.write_submission(run_config(root), tmp_path / "model.pt", "test", out, "ade20k_sceneparsing", "ms")
+    manifest = submit.write_submission(run_config(root), tmp_path / "model.pt", "test", out, "ade20k_sceneparsing",
+                                       "ms")
 
     pngs = members(out)
     # One PNG per test image named after it (CSAILVision/sceneparsing: ADE_test_00000001.jpg ->
@@ -229,16 +230,20 @@ def test_card_checks_unlabelled_splits(tmp_path, value):
     root = make_dataset(tmp_path / "ade", ADE_IDS, 150)
     card = yaml.safe_load((root / "dataset.yaml").read_text())
     (root / "dataset.yaml").write_text(yaml.safe_dump(dict(card, unlabelled_splits=value)))
-    with pytest.raises(SegreproError, match=r"dataset.yaml: key 'unlabelled_splits' must be a list of distinct split names"):
+    with pytest.raises(SegreproError,
+                       match=r"dataset.yaml: key 'unlabelled_splits' must be a list of distinct split names"):
         load_card(root)
 
 
 # ----------------------------------------------------------------------------- tables
 
-SERVER = {"name": "MIT Scene Parsing Benchmark", "url": "http://sceneparsing.csail.mit.edu/", "format": "ade20k_sceneparsing"}
+SERVER = {"name": "MIT Scene Parsing Benchmark", "url": "http://sceneparsing.csail.mit.edu/",
+          "format": "ade20k_sceneparsing"}
 SPEC = {"title": "Table 2. ADE20K test", "metrics": ["score"], "rows": [
-    {"label": "ours, ResNet101", "experiment": "r101", "protocol": "ms", "paper": {"score": 56.67}, "test_server": SERVER},
-    {"label": "ours, HRNet48", "experiment": "hr48", "protocol": "ms", "paper": {"score": 58.04}, "test_server": SERVER},
+    {"label": "ours, ResNet101", "experiment": "r101", "protocol": "ms", "paper": {"score": 56.67},
+     "test_server": SERVER},
+    {"label": "ours, HRNet48", "experiment": "hr48", "protocol": "ms", "paper": {"score": 58.04},
+     "test_server": SERVER},
 ]}
 HEADER = {"dataset": "ade20k", "scale": "paper", "backbone": ["resnet101", "hrnet_w48"], "iterations": [151560],
           "seeds": [0], "commits": ["abc1234"]}
@@ -280,14 +285,16 @@ def test_a_mixed_table_keeps_its_measured_rows_and_notes_the_stand_in():
 
 def test_spec_rejects_claims_on_test_server_rows_and_bad_servers():
     with pytest.raises(SegreproError, match="claim 'x' refers to 'r101@ms', a test-server row"):
-        check_table_spec("t", dict(SPEC, claims=[{"claim": "x", "metric": "score", "better": ["r101@ms"], "than": ["hr48@ms"]}]))
+        check_table_spec("t", dict(SPEC, claims=[{"claim": "x", "metric": "score", "better": ["r101@ms"],
+                                                  "than": ["hr48@ms"]}]))
     bad = json.loads(json.dumps(SPEC))
     bad["rows"][0]["test_server"]["format"] = "kitti"
     with pytest.raises(SegreproError, match="rows.0.test_server.format: 'kitti' is not one of"):
         check_table_spec("t", bad)
     with pytest.raises(SegreproError, match="test-server rows only go in a plain table"):
         check_table_spec("t", dict(SPEC, grid={"rows": ["a"], "columns": ["b", "c"]},
-                                   rows=[dict(SPEC["rows"][0], cell=["a", "b"]), dict(SPEC["rows"][1], cell=["a", "c"])]))
+                                   rows=[dict(SPEC["rows"][0], cell=["a", "b"]),
+                                         dict(SPEC["rows"][1], cell=["a", "c"])]))
 
 
 def test_a_metrics_file_cannot_stand_for_a_submission():

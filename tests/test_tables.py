@@ -112,10 +112,12 @@ def test_one_seed_without_per_image_counts_has_no_interval():
     pairs, best = claim_lines(text)
     assert pairs == (
         "- ➖ not told apart: PSP beats FCN and MS helps — psp50 42.00 vs fcn 36.00: Δ +6.00, no interval; "
-        "psp50@ms 41.50 vs psp50 42.00: Δ −0.50, no interval [no interval: one seed and no per-image statistics (metrics written before they were stored)] (paper's numbers agree)"
+        "psp50@ms 41.50 vs psp50 42.00: Δ −0.50, no interval [no interval: one seed and no per-image statistics"
+        " (metrics written before they were stored)] (paper's numbers agree)"
     )
     assert best == ("- ➖ not told apart: MS is best — psp50@ms 41.50 vs psp50 42.00: Δ −0.50, no interval "
-                    "[no interval: one seed and no per-image statistics (metrics written before they were stored)] (paper's numbers agree)")
+                    "[no interval: one seed and no per-image statistics (metrics written before they were stored)]"
+                    " (paper's numbers agree)")
 
 
 def test_three_seeds_mean_std_and_spread():
@@ -133,11 +135,13 @@ def test_three_seeds_mean_std_and_spread():
     # half-width t(0.975, 6) · sqrt(0.75 · (1/3 + 1/3)) = 2.4469 · 0.7071 = 1.73.
     assert pairs == (
         "- ➖ not told apart: PSP beats FCN and MS helps — psp50 42.00 vs fcn 37.00: Δ +5.00 ± 1.73; "
-        "psp50@ms 42.50 vs psp50 42.00: Δ +0.50 ± 1.73 [no per-image statistics (metrics written before they were stored): the intervals count the seeds only] (paper's numbers agree)"
+        "psp50@ms 42.50 vs psp50 42.00: Δ +0.50 ± 1.73 [no per-image statistics (metrics written before they were"
+        " stored): the intervals count the seeds only] (paper's numbers agree)"
     )
     assert best == (
         "- ➖ not told apart: MS is best — psp50@ms 42.50 vs psp50 42.00: Δ +0.50 ± 1.73 "
-        "[no per-image statistics (metrics written before they were stored): the intervals count the seeds only] (paper's numbers agree)"
+        "[no per-image statistics (metrics written before they were stored): the intervals count the seeds only]"
+        " (paper's numbers agree)"
     )
 
 
@@ -157,7 +161,8 @@ def test_three_seeds_claims_as_data():
     # `best`: the best row against every other one, all stored, not only the rival the line shows.
     assert [(p["better"], p["than"]) for p in best["pairs"]] == [("psp50@ms", "fcn"), ("psp50@ms", "psp50")]
     assert [p["delta"] for p in best["pairs"]] == pytest.approx([5.5, 0.5])
-    assert claim_lines(text) == [f"- {c['verdict']}: {c['claim']} — {c['evidence']} ({c['paper_note']})" for c in judged]
+    assert claim_lines(text) == [f"- {c['verdict']}: {c['claim']} — {c['evidence']} ({c['paper_note']})"
+                                 for c in judged]
 
 
 def test_claim_clear_of_spread_and_paper_disagreeing():
@@ -171,9 +176,11 @@ def test_claim_clear_of_spread_and_paper_disagreeing():
     first, second = claim_lines(text)
     assert [claim["verdict"] for claim in build_table("test_table", spec, results, HEADER)[2]] == [REPRODUCED] * 2
     assert first == ("- ✅ reproduced: PSP beats FCN — psp50 42.00 vs fcn 37.00: Δ +5.00 ± 1.73 "
-                     "[no per-image statistics (metrics written before they were stored): the intervals count the seeds only] (paper's numbers agree)")
+                     "[no per-image statistics (metrics written before they were stored): the intervals count the"
+                     " seeds only] (paper's numbers agree)")
     assert second == ("- ✅ reproduced: MS helps — psp50@ms 45.50 vs psp50 42.00: Δ +3.50 ± 1.73 "
-                      "[no per-image statistics (metrics written before they were stored): the intervals count the seeds only] (paper's numbers disagree)")
+                      "[no per-image statistics (metrics written before they were stored): the intervals count the"
+                      " seeds only] (paper's numbers disagree)")
 
 
 def test_the_papers_own_margin_is_judged_before_anything_runs():
@@ -196,7 +203,8 @@ def test_claim_on_other_metric():
     text, _, _ = build_table("test_table", spec, one_seed(), HEADER)
     assert claim_lines(text) == [
         "- ➖ not told apart: PSP has higher accuracy — Pixel Acc. (%): psp50 80.50 vs fcn 78.01: Δ +2.49, no interval "
-        "[no interval: one seed and no per-image statistics (metrics written before they were stored)] (paper's numbers agree)"
+        "[no interval: one seed and no per-image statistics (metrics written before they were stored)]"
+        " (paper's numbers agree)"
     ]
 
 
@@ -230,7 +238,8 @@ def test_unknown_ref_is_an_error():
 
 @pytest.mark.parametrize("edit, message", [
     # Cross-references, in segrepro.config.table_specs:
-    (lambda s: s["claims"][0]["than"].pop(), "claim 'PSP beats FCN and MS helps' has 2 'better' refs but 1 'than' refs"),
+    (lambda s: s["claims"][0]["than"].pop(),
+     "claim 'PSP beats FCN and MS helps' has 2 'better' refs but 1 'than' refs"),
     (lambda s: s["rows"].append(dict(s["rows"][0])), "row 'fcn@ss' appears twice"),
     (lambda s: s["claims"].append({"claim": "x", "best": "fcn", "metric": "gmacs"}),
      "claim 'x' uses metric 'gmacs', not among the table's metrics"),
@@ -244,7 +253,8 @@ def test_unknown_ref_is_an_error():
     (lambda s: s["claims"].append({"claim": "x", "best": "fcn", "better": ["fcn"], "than": ["psp50"]}),
      "claims.2: 'better' is not allowed here (a claim has either 'best' or 'better' and 'than')"),
     (lambda s: s["claims"].append({"claim": "x", "better": ["fcn"]}), "claims.2: 'than' is a required property"),
-    (lambda s: s["claims"].append({"claim": "x", "better": ["fcn"], "than": ["ps@p@50"]}), "claims.2.than.0: 'ps@p@50' does not match"),
+    (lambda s: s["claims"].append({"claim": "x", "better": ["fcn"], "than": ["ps@p@50"]}),
+     "claims.2.than.0: 'ps@p@50' does not match"),
     (lambda s: s["rows"][0].update(experiment="fcn@ms"), "rows.0.experiment: 'fcn@ms' does not match"),
     (lambda s: s["rows"][0].pop("label"), "rows.0: 'label' is a required property"),
     (lambda s: s["rows"][0].update(head="ocr"), "rows.0: 'head' is not allowed here (efficiency rows only)"),
@@ -306,7 +316,8 @@ def test_write_files_is_atomic_and_round_trips(tmp_path):
     target = tmp_path / "tables" / "test_table.md"
     document = header_claims_document("test_table", SPEC, HEADER, judged, CLAIMS_NOTE)
     write_files(target, text, frame, document)
-    assert sorted(p.name for p in target.parent.iterdir()) == ["test_table.claims.json", "test_table.csv", "test_table.md"]
+    assert sorted(p.name for p in target.parent.iterdir()) == [
+        "test_table.claims.json", "test_table.csv", "test_table.md"]
     assert target.read_text(encoding="utf-8") == text
     back = pd.read_csv(target.with_suffix(".csv"))
     pd.testing.assert_frame_equal(back, frame, check_dtype=False)
@@ -379,8 +390,10 @@ def test_computation_claims_count_lower_as_better():
     text, frame, _ = build_table("t9", FLOPS_SPEC, flops_results(), HEADER, COUNTS)
     claims = text.split("## Claims")[1]
     # A count has no uncertainty: the verdict is its sign, with no interval and no remark.
-    assert "✅ reproduced: Ours is cheaper than dilation — GMACs: ours 60.00 vs d8 102.00: Δ −42.00 (paper's numbers agree)" in claims
-    assert "✅ reproduced: Other is the cheapest — GMACs: other 25.00 vs ours 60.00: Δ −35.00 (paper's numbers agree)" in claims
+    assert ("✅ reproduced: Ours is cheaper than dilation — GMACs: ours 60.00 vs d8 102.00: Δ −42.00"
+            " (paper's numbers agree)") in claims
+    assert ("✅ reproduced: Other is the cheapest — GMACs: other 25.00 vs ours 60.00: Δ −35.00"
+            " (paper's numbers agree)") in claims
     assert list(frame["gmacs_delta"]) == pytest.approx([2.0, 10.0, 5.0])
 
 

@@ -66,7 +66,8 @@ def test_usfpn_os2_extra_block_convolves_at_stride_4_then_upsamples():
     h4, w4 = skips[4].shape[-2:]
     seen = {}
     for level, branch in enumerate(model.branches):
-        branch.convs[-1].register_forward_hook(lambda m, i, o, level=level: seen.__setitem__(level, tuple(i[0].shape[-2:])))
+        branch.convs[-1].register_forward_hook(
+            lambda m, i, o, level=level: seen.__setitem__(level, tuple(i[0].shape[-2:])))
     fuse_input = []
     model.fuse.register_forward_hook(lambda m, i, o: fuse_input.append(tuple(i[0].shape[-2:])))
     model(skips, top)

@@ -240,7 +240,8 @@ def test_tiny_table_markdown_has_every_number(built):
     for line, claim in zip(verdicts, spec["claims"]):
         assert VERDICT.match(line) and line.split(": ", 1)[1].startswith(claim["claim"]), line
         # One seed with per-image counts: every difference has an interval over the test images.
-        assert re.search(r"Δ [+−]?\d+\.\d\d ± \d+\.\d\d", line) and "one seed: the intervals count the test images" in line
+        assert (re.search(r"Δ [+−]?\d+\.\d\d ± \d+\.\d\d", line)
+                and "one seed: the intervals count the test images" in line)
     for declared in spec["rows"]:
         folder = root / "results/metrics/tiny" / TINY / "pspnet" / declared["experiment"] / "seed0"
         assert (folder / "ss.per_image.npz").is_file()
@@ -309,7 +310,8 @@ def test_eval_only_settings_never_retrain(built):
         assert dry_run(built) == []
     # `ss` is (PSPNet declares its own, with the mirrored pass): every evaluation and the table,
     # but no training.
-    with edited(built.root / "params/papers/pspnet.yaml", {"eval": {"protocols": {"ss": {"scales": [1.0], "flip": False}}}}):
+    single_scale = {"eval": {"protocols": {"ss": {"scales": [1.0], "flip": False}}}}
+    with edited(built.root / "params/papers/pspnet.yaml", single_scale):
         jobs = dry_run(built)
     expected = Counter({("evaluate", e): 1 for e in table_experiments(built.root)})
     expected[("table", None)] = 1
@@ -409,12 +411,14 @@ def test_dry_run_of_every_target(project, scale):
     assert result.returncode == 0, result.stdout[-5000:]
     stats = job_stats(result.stdout)
     # PSPNet: 17 experiments (14 and 3 of its open defaults), 23 (experiment, protocol) evaluations
-    # (table3 also tests 4 runs with `ms`; the open defaults evaluate psp50 without flip and without padding); SaF: A-K and 4 variants of its open defaults single-scale,
-    # the two SOTA runs multi-scale (at paper scale on each dataset of Tables 1, 3 and 4: 2 x 3 runs);
-    # HFGD: the 49 ResNet/Swin experiments its ablation tables name (its open defaults and Table 9's
-    # counted SemanticFPN included), single-scale (the full model also without test padding), the ConvNeXt OS 4 and OS 2 runs
-    # single- and multi-scale (Tables 10-16), and at paper scale 3 more on Cityscapes (Table 12),
-    # 4 on COCO-Stuff 10k (Table 17), the OS 4 run on each dataset of Tables 10, 11, 13, 15, 16.
+    # (table3 also tests 4 runs with `ms`; the open defaults evaluate psp50 without flip and without
+    # padding); SaF: A-K and 4 variants of its open defaults single-scale, the two SOTA runs
+    # multi-scale (at paper scale on each dataset of Tables 1, 3 and 4: 2 x 3 runs); HFGD: the 49
+    # ResNet/Swin experiments its ablation tables name (its open defaults and Table 9's counted
+    # SemanticFPN included), single-scale (the full model also without test padding), the ConvNeXt
+    # OS 4 and OS 2 runs single- and multi-scale (Tables 10-16), and at paper scale 3 more on
+    # Cityscapes (Table 12), 4 on COCO-Stuff 10k (Table 17), the OS 4 run on each dataset of Tables
+    # 10, 11, 13, 15, 16.
     paper = scale == "paper"
     saf = 15 + 2 * (3 if paper else 1)
     hfgd_train = 49 + 2 + (3 + 4 + 4 if paper else 0)

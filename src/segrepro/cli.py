@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--seeds", type=int, nargs="+")
     report.add_argument("--out", type=Path, default=paths.REPORT)
 
-    claims = commands.add_parser("claims", help="every claim the tables check: reproduced, contradicted, not told apart, or not yet run")
+    claims = commands.add_parser(
+        "claims", help="every claim the tables check: reproduced, contradicted, not told apart, or not yet run")
     claims.add_argument("--scale")
     claims.add_argument("--out", type=Path, help="also write this Markdown file (e.g. results/claims.md)")
 
@@ -195,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     server.add_argument("--port", type=int, default=5000)
     server.add_argument("--workers", type=int, help="server processes (default: mlflow's, 4)")
-    server.add_argument("--allowed-hosts", help="Host headers to accept besides localhost and private IPs, e.g. head01:5000")
+    server.add_argument("--allowed-hosts",
+                        help="Host headers to accept besides localhost and private IPs, e.g. head01:5000")
     return parser
 
 
@@ -268,7 +270,8 @@ def cmd_submit(params: Params, args) -> None:
     run = _run_paths(config)
     out = args.out or paths.submission_path(*run, args.protocol)
     split = args.split or default_split(load_card(config["dataset"]["root"]))
-    manifest = write_submission(config, paths.model_path(*run), split, out, args.server, args.protocol, device=args.device)
+    manifest = write_submission(config, paths.model_path(*run), split, out, args.server, args.protocol,
+                                device=args.device)
     stand_in = " (a stand-in: not a test-server split)" if manifest["stand_in"] else ""
     print(f"{args.paper}/{args.experiment} [{args.protocol}] {manifest['num_images']} predictions of "
           f"{config['dataset']['name']}/{split}{stand_in} -> {out}")
@@ -429,8 +432,8 @@ def cmd_mlflow_server(params: Params, args) -> None:
 
 
 COMMANDS = {
-    "download": cmd_download, "prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "submit": cmd_submit,
-    "table": cmd_table,
+    "download": cmd_download, "prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate,
+    "submit": cmd_submit, "table": cmd_table,
     "pyramids": cmd_pyramids, "pyramid-stats": cmd_pyramid_stats, "figure": cmd_figure,
     "flops": cmd_flops, "config": cmd_config, "list": cmd_list, "tracking-init": cmd_tracking_init,
     "mlflow-server": cmd_mlflow_server, "efficiency": cmd_efficiency, "report": cmd_report,

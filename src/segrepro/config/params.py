@@ -233,7 +233,8 @@ class Params:
         paper, spec = self.table(name)
         for row in spec["rows"]:
             self.experiment(paper, row["experiment"])
-            protocols = self.resolve(paper, row["experiment"], scale, self.table_dataset(name, scale))["eval"]["protocols"]
+            resolved = self.resolve(paper, row["experiment"], scale, self.table_dataset(name, scale))
+            protocols = resolved["eval"]["protocols"]
             if row["protocol"] not in protocols:
                 raise SegreproError(
                     f"table '{name}': protocol '{row['protocol']}' is not defined by scale '{scale}' "

@@ -78,7 +78,8 @@ def check_table_references(name: str, spec: dict, where: str | None = None) -> N
     for index, row in enumerate(rows):
         if is_test_server(row) and row["test_server"]["format"] not in SERVERS:
             raise SegreproError(
-                f"{where}: rows.{index}.test_server.format: {row['test_server']['format']!r} is not one of {sorted(SERVERS)}"
+                f"{where}: rows.{index}.test_server.format: {row['test_server']['format']!r}"
+                f" is not one of {sorted(SERVERS)}"
             )
     server_rows = {row_key(row["experiment"], row["protocol"]) for row in rows if is_test_server(row)}
     matrix = spec.get("paper_matrix") or []
@@ -89,7 +90,8 @@ def check_table_references(name: str, spec: dict, where: str | None = None) -> N
         text = claim["claim"]
         metric = claim.get("metric", DEFAULT_CLAIM_METRIC)
         if metric not in metrics:
-            raise SegreproError(f"{where}: claim {text!r} uses metric {metric!r}, not among the table's metrics {metrics}")
+            raise SegreproError(f"{where}: claim {text!r} uses metric {metric!r},"
+                                f" not among the table's metrics {metrics}")
         if "best" in claim:
             if len(rows) < 2:
                 raise SegreproError(f"{where}: claim {text!r} needs at least two rows to pick a best one")
@@ -97,7 +99,8 @@ def check_table_references(name: str, spec: dict, where: str | None = None) -> N
         else:
             if len(claim["better"]) != len(claim["than"]):
                 raise SegreproError(
-                    f"{where}: claim {text!r} has {len(claim['better'])} 'better' refs but {len(claim['than'])} 'than' refs"
+                    f"{where}: claim {text!r} has {len(claim['better'])} 'better' refs"
+                    f" but {len(claim['than'])} 'than' refs"
                 )
             refs = claim["better"] + claim["than"]
         for ref in refs:
@@ -105,7 +108,8 @@ def check_table_references(name: str, spec: dict, where: str | None = None) -> N
             if key not in keys:
                 raise SegreproError(f"{where}: claim {text!r} refers to {ref!r}, which is not a row of the table")
             if key in server_rows:
-                raise SegreproError(f"{where}: claim {text!r} refers to {ref!r}, a test-server row: only the server knows its score")
+                raise SegreproError(f"{where}: claim {text!r} refers to {ref!r}, a test-server row:"
+                                    " only the server knows its score")
 
 
 def _check_grid(where: str, spec: dict) -> None:

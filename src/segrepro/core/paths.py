@@ -9,7 +9,8 @@ ARCHIVE_LOCK = Path("params") / "archives.lock.yaml"
 RESULTS = Path("results")
 REPORT = RESULTS / "report.html"
 TRAIN_LOG = "train_log.jsonl"  # in a run's folder: JSON lines of loss/lr and of the curve's val mIoU
-PROGRESS = "progress.jsonl"  # in a run's folder: its trainer's progress lines (segrepro.pipeline.controller prints them)
+# in a run's folder: its trainer's progress lines (segrepro.pipeline.controller prints them)
+PROGRESS = "progress.jsonl"
 MODEL = "model.pt"  # in a run's folder: the finished model, the train rule's output
 CHECKPOINT = "checkpoint.pt"  # in a run's folder: the resumable state of an unfinished training
 # In a run's folder: the finished model's second name (see segrepro.engine.checkpoint).

@@ -54,6 +54,7 @@ def load_per_image(path) -> dict | None:
         with np.load(path, allow_pickle=False) as data:
             loaded = {key: data[key] for key in ("image_ids", *COUNT_KEYS)}
     except (OSError, ValueError, KeyError) as err:
-        raise SegreproError(f"{path}: unreadable per-image counts ({err}); delete it and rerun the evaluation") from None
+        raise SegreproError(
+            f"{path}: unreadable per-image counts ({err}); delete it and rerun the evaluation") from None
     loaded["image_ids"] = [str(i) for i in loaded["image_ids"]]
     return loaded

@@ -245,7 +245,8 @@ def _splits(where: str, root: Path, spec) -> tuple[str, dict]:
     if "fractions" in spec:
         fractions, seed = spec.get("fractions"), spec.get("seed", 0)
         if set(spec) - {"fractions", "seed"}:
-            raise _bad(where, "splits", f"with fractions takes only 'seed' besides, got {sorted(set(spec) - {'fractions', 'seed'})}")
+            raise _bad(where, "splits",
+                       f"with fractions takes only 'seed' besides, got {sorted(set(spec) - {'fractions', 'seed'})}")
         if not isinstance(fractions, dict) or not fractions or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in fractions.values()):
             raise _bad(where, "splits.fractions", "must map split names to fractions in (0, 1]")
@@ -266,7 +267,8 @@ def _splits(where: str, root: Path, spec) -> tuple[str, dict]:
     else:
         if not all(isinstance(v, str) and v for v in spec.values()):
             raise _bad(where, "splits", "must map each split name to a list file (one stem a line)")
-        names, form, settings = list(spec), "lists", {name: _inside(root, f, where, f"splits.{name}") for name, f in spec.items()}
+        names, form = list(spec), "lists"
+        settings = {name: _inside(root, f, where, f"splits.{name}") for name, f in spec.items()}
     for name in names:
         if not isinstance(name, str) or not SPLIT_NAME.match(name):
             raise _bad(where, "splits", f"has split name {name!r}, not a simple identifier")
@@ -283,7 +285,8 @@ def plan_folder(where: str, declaration: dict, parts: dict[str, Path]) -> Plan:
     classes = declaration.get("classes")
     if (not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes)
             or len(set(classes)) != len(classes) or len(classes) > IGNORE_INDEX):
-        raise _bad(where, "classes", f"must be a list of distinct class names (at most {IGNORE_INDEX}), got {classes!r}")
+        raise _bad(where, "classes",
+                   f"must be a list of distinct class names (at most {IGNORE_INDEX}), got {classes!r}")
     mapping = LabelMapping(where, declaration, classes)
     image_dir, image_suffix = _dir_spec(where, declaration, "images")
     label_dir, label_suffix = _dir_spec(where, declaration, "labels")
@@ -329,7 +332,8 @@ def plan_folder(where: str, declaration: dict, parts: dict[str, Path]) -> Plan:
     max_share = declaration.get("max_ignore_share", DEFAULT_MAX_IGNORE_SHARE)
     source = {"root": str(root), "splits": _describe_splits(form, settings),
               "max_ignore_share": max_share}
-    return Plan(tuple(classes), image_suffix, label_table({**{k: k for k in range(len(classes))}, IGNORE_INDEX: IGNORE_INDEX}),
+    identity = {**{k: k for k in range(len(classes))}, IGNORE_INDEX: IGNORE_INDEX}
+    return Plan(tuple(classes), image_suffix, label_table(identity),
                  f"class indices 0..{len(classes) - 1} or {IGNORE_INDEX}", mapping.describe, list(chosen), items,
                  source=source, check=lambda pixels: check_label_shares(where, classes, pixels, max_share))
 

@@ -48,7 +48,8 @@ def _cityscapes_encode(pred: np.ndarray, num_classes: int) -> np.ndarray:
     # regular ID is used, not the train ID".
     table = cityscapes.train_to_label()
     if num_classes > len(table):
-        raise SegreproError(f"the Cityscapes format maps {len(table)} train ids to label ids; the model has {num_classes} classes")
+        raise SegreproError(f"the Cityscapes format maps {len(table)} train ids to label ids;"
+                            f" the model has {num_classes} classes")
     return table[pred]
 
 

@@ -100,7 +100,8 @@ def run_pyramid(model, image, label, device, base_size, num_classes: int, ignore
         if tuple(semantic[level].shape) != expected:
             raise ValueError(f"semantic level {level + 1}: shape {tuple(semantic[level].shape)}, expected {expected}")
         if level < len(unity) and tuple(unity[level].shape) != (1, *expected[2:]):
-            raise ValueError(f"unity level {level + 1}: shape {tuple(unity[level].shape)}, expected {(1, *expected[2:])}")
+            raise ValueError(f"unity level {level + 1}: shape {tuple(unity[level].shape)},"
+                             f" expected {(1, *expected[2:])}")
     with torch.inference_mode():
         fused, assignment = fuse(semantic, unity, float(model.tau))
     pyramid = Pyramid(semantic=semantic, unity=unity, strides=strides)

@@ -72,14 +72,15 @@ def _predictions(model, images: SplitImages, protocol: dict, settings: dict, dev
 def write_submission(config: dict, model_path: Path, split: str, output_zip: Path, server_name: str,
                      protocol: str = "ms", device: str | None = None) -> dict:
     """Predict every image of the dataset's `split` with the run's test `protocol` and write the
-    zip for the server `server_name` (a key of segrepro.data.test_servers.SERVERS) to `output_zip`, atomically: a failure
-    leaves no zip. Writes README.txt beside it, tags the model's MLflow run with the zip's path, and
-    returns the manifest (also the zip's archive comment)."""
+    zip for the server `server_name` (a key of segrepro.data.test_servers.SERVERS) to `output_zip`,
+    atomically: a failure leaves no zip. Writes README.txt beside it, tags the model's MLflow run
+    with the zip's path, and returns the manifest (also the zip's archive comment)."""
     fmt = server(server_name)
     settings = config["eval"]
     if protocol not in settings["protocols"]:
         raise SegreproError(
-            f"unknown test protocol '{protocol}' (scale '{config['scale']}' defines: {', '.join(settings['protocols'])})")
+            f"unknown test protocol '{protocol}'"
+            f" (scale '{config['scale']}' defines: {', '.join(settings['protocols'])})")
     images = SplitImages(config["dataset"]["root"], split)
     stand_in = images.labelled
     names = {}
@@ -96,7 +97,8 @@ def write_submission(config: dict, model_path: Path, split: str, output_zip: Pat
         raise SegreproError(f"{model_path}: trained for {num_classes} classes, dataset "
                             f"{config['dataset']['name']} has {images.card['num_classes']}")
     if server_name == "cityscapes" and not stand_in and num_classes != len(cityscapes.train_to_label()):
-        raise SegreproError(f"{model_path}: a Cityscapes submission needs the 19 train ids, the model has {num_classes} classes")
+        raise SegreproError(f"{model_path}: a Cityscapes submission needs the 19 train ids,"
+                            f" the model has {num_classes} classes")
 
     manifest = {
         paths.SUBMISSION_KEY: 1, "server": server_name, "benchmark": fmt.benchmark, "url": fmt.url,
@@ -109,7 +111,8 @@ def write_submission(config: dict, model_path: Path, split: str, output_zip: Pat
     output_zip = Path(output_zip)
     with atomic.atomic_path(output_zip) as tmp:
         with zipfile.ZipFile(tmp, "w") as archive:
-            for image_id, pred in _predictions(model, images, settings["protocols"][protocol], settings, dev, num_classes):
+            predictions = _predictions(model, images, settings["protocols"][protocol], settings, dev, num_classes)
+            for image_id, pred in predictions:
                 values = fmt.encode(pred, num_classes)
                 member = zipfile.ZipInfo(fmt.file_name(image_id, stand_in), date_time=_ZIP_TIME)
                 member.external_attr = 0o644 << 16

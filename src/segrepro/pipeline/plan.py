@@ -333,7 +333,8 @@ def inference_cost(params: Params, job: Job, config: dict, entry: dict, sizes: S
     protocol = settings["protocols"][w["protocol"]]
     windows = sum(windows_per_image(size, protocol, settings["crop_size"], settings.get("base_size"))
                   for size in sizes.sizes)
-    if job.rule in EVALUATE_RULES and w["protocol"] == "ss" and config["model"].get("head", {}).get("output") == "pyramidal":
+    if (job.rule in EVALUATE_RULES and w["protocol"] == "ss"
+            and config["model"].get("head", {}).get("output") == "pyramidal"):
         # SaF's unity-head analysis (segrepro.engine.saf_analysis) runs the model once more per image.
         windows += sum(windows_per_image(size, {"scales": [1.0]}, settings["crop_size"], settings.get("base_size"))
                        for size in sizes.sizes)

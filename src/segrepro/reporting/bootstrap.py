@@ -130,7 +130,8 @@ class RowSamples:
                  seed: int = SEED) -> None:
         self.rows = rows
         self.metrics = metrics
-        self._means = {key: {m: float(np.mean([run[m] for run in runs])) for m in metrics if all(m in run for run in runs)}
+        self._means = {key: {m: float(np.mean([run[m] for run in runs]))
+                             for m in metrics if all(m in run for run in runs)}
                        for key, runs in rows.items()}
         self._pooled = {m: _pooled_variance([[run[m] for run in runs] for runs in rows.values()
                                              if all(m in run for run in runs)]) for m in metrics}

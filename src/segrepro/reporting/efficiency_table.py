@@ -72,7 +72,8 @@ def _values(name: str, spec: dict, record: dict) -> tuple[dict, dict]:
     for row in spec["rows"]:
         measured = record["rows"].get(row["id"])
         if not isinstance(measured, dict):
-            raise SegreproError(f"table {name!r}: no measurement of row {row['id']!r} (run `segrepro efficiency {name}`)")
+            raise SegreproError(
+                f"table {name!r}: no measurement of row {row['id']!r} (run `segrepro efficiency {name}`)")
         missing = [key for key in TIMING_KEYS if not isinstance(measured.get(key), (int, float))]
         if missing:
             raise SegreproError(f"table {name!r}: the measurement of row {row['id']!r} lacks {', '.join(missing)}")
@@ -117,7 +118,8 @@ def _judge_claim(claim: dict, ours: dict, paper: dict, labels: dict) -> dict:
     # The timing's own noise band instead of an interval: within it the rows are not told apart.
     verdict = NOT_TOLD_APART if close else REPRODUCED if holds else CONTRADICTED
     mark = f" [within {NOISE:.0%}, the timing noise]" if close else ""
-    pairs = [pair_record(b, t, metric, ours[b][metric], ours[t][metric]) for b, t in zip(claim["better"], claim["than"])]
+    pairs = [pair_record(b, t, metric, ours[b][metric], ours[t][metric])
+             for b, t in zip(claim["better"], claim["than"])]
     return claim_record(claim["claim"], verdict, f"{display}: {'; '.join(parts)}{mark}", note, pairs,
                         basis=["timing noise"], noise=NOISE)
 
@@ -201,7 +203,8 @@ def build_efficiency_table(name: str, spec: dict, record: dict) -> tuple[str, pd
                  "params_m": measured.get("params_m")}
         for metric in metrics:
             paper_rel, ours_rel = _ratio(paper, key, reference, metric), _ratio(ours, key, reference, metric)
-            cells += [fmt_sig(paper[key][metric]), fmt_sig(ours[key][metric]), fmt_ratio(paper_rel), fmt_ratio(ours_rel)]
+            cells += [fmt_sig(paper[key][metric]), fmt_sig(ours[key][metric]),
+                      fmt_ratio(paper_rel), fmt_ratio(ours_rel)]
             entry.update({f"{metric}_paper": paper[key][metric], f"{metric}_ours": ours[key][metric],
                           f"{metric}_paper_rel": paper_rel, f"{metric}_ours_rel": ours_rel})
         for extra in ("train_mem_allocated_gb", "peak_rss_gb", "rss_before_model_gb"):
@@ -212,9 +215,10 @@ def build_efficiency_table(name: str, spec: dict, record: dict) -> tuple[str, pd
         records.append(entry)
         lines.append("| " + " | ".join(cells) + " |")
 
-    text = header_lines(name, spec, record) + ["", *lines, "",
-                                               f"rel.: divided by the row '{escape_cell(labels[reference])}' of the same"
-                                               " device; it is what compares across devices."]
+    text = header_lines(name, spec, record) + [
+        "", *lines, "",
+        f"rel.: divided by the row '{escape_cell(labels[reference])}' of the same"
+        " device; it is what compares across devices."]
     judged = [_judge_claim(claim, ours, paper, labels) for claim in spec.get("claims") or []]
     if judged:
         text += ["", "## Claims", ""] + [claim_line(claim) for claim in judged]

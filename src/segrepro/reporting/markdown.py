@@ -153,7 +153,8 @@ def read_claims(path: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise SegreproError(f"{path} is unreadable or not valid JSON: {err} (rebuild its table)") from None
     if not isinstance(document, dict) or not isinstance(document.get("claims"), list) or not all(
-            isinstance(c, dict) and {"claim", "verdict", "evidence", "paper_note"} <= c.keys() for c in document["claims"]):
+            isinstance(c, dict) and {"claim", "verdict", "evidence", "paper_note"} <= c.keys()
+            for c in document["claims"]):
         raise SegreproError(f"{path} holds no list of judged claims (rebuild its table)")
     return document
 

@@ -139,7 +139,8 @@ def _table_html(rows: list[list[str]], head: list[str] | None = None) -> str:
 
 
 def _claims_section(records: list[dict]) -> str:
-    parts = [f"<p>{html.escape(claims.RULE)}</p>", f"<p><strong>{html.escape(claims.summary_line(records))}</strong></p>"]
+    parts = [f"<p>{html.escape(claims.RULE)}</p>",
+             f"<p><strong>{html.escape(claims.summary_line(records))}</strong></p>"]
     head = ["paper", "table", "claim", "verdict", "our numbers", "seeds (scale)", "paper's numbers"]
     # A claim not run yet: its table's build command is in the Tables section.
     rows = [[r["paper"], r["table"], r["claim"], r["verdict"], r["evidence"] or "–",
@@ -149,7 +150,8 @@ def _claims_section(records: list[dict]) -> str:
 
 def _compare_links(built: dict[str, dict[str, str]]) -> dict[str, str]:
     """Per built table (name -> its claims JSON, which holds its scale and seeds), the MLflow UI's
-    compare page of the runs behind it; none when tracking is off or no store exists yet (a report never creates one)."""
+    compare page of the runs behind it; none when tracking is off or no store exists yet (a report
+    never creates one)."""
     uri = tracking.tracking_uri()
     database = tracking.sqlite_path(uri)
     if not tracking.enabled() or not built or (database is not None and not database.exists()):
@@ -247,7 +249,9 @@ def _scored(run: dict) -> str:
 def _duration(seconds) -> str:
     if not isinstance(seconds, (int, float)):
         return "?"
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def write_report(params, out: Path, scale: str | None = None, dataset: str | None = None,
@@ -260,7 +264,8 @@ def write_report(params, out: Path, scale: str | None = None, dataset: str | Non
     env = environment()
     records = claims.collect(params, scale)
     runs = evaluated_runs()
-    chosen = {"scale": scale or params.workflow["scale"], "dataset": dataset or params.workflow["dataset"] or "each paper's",
+    chosen = {"scale": scale or params.workflow["scale"],
+              "dataset": dataset or params.workflow["dataset"] or "each paper's",
               "seeds": ", ".join(map(str, seeds or params.seeds(scale or params.workflow["scale"])))}
     with tempfile.TemporaryDirectory() as scratch:
         body = [

@@ -79,7 +79,8 @@ def _check_analyses(name: str, analyses: list[dict]) -> tuple[int, ...]:
                 raise SegreproError(f"table {name!r}: analysis {i + 1} has no {key!r}")
         these = tuple(int(s) for s in analysis["strides"])
         if strides is not None and these != strides:
-            raise SegreproError(f"table {name!r}: analysis {i + 1} has strides {list(these)}, the first {list(strides)}")
+            raise SegreproError(
+                f"table {name!r}: analysis {i + 1} has strides {list(these)}, the first {list(strides)}")
         strides = these
         matrix = analysis["level_by_assignment_miou"]
         if len(matrix) != len(strides) or any(len(row) != len(strides) for row in matrix):

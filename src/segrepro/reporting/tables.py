@@ -103,7 +103,8 @@ def _metric_values(name: str, key: str, runs: list[dict], metrics: list[str]) ->
                 # (CSAILVision/sceneparsing README, "Evaluation routines").
                 run = dict(run, score=(run["miou"] + run["pixel_acc"]) / 2)
             if metric not in run:
-                raise SegreproError(f"table {name!r}: row {key!r}: a result (seed {run.get('seed', '?')}) has no {metric!r}")
+                raise SegreproError(
+                    f"table {name!r}: row {key!r}: a result (seed {run.get('seed', '?')}) has no {metric!r}")
             value = run[metric]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 # A NaN or a string here means a broken run; better to stop than to print "nan".
@@ -212,7 +213,8 @@ def _flops_lines(spec: dict, counts: dict, paper: dict, order: list[str]) -> lis
         ours = count["gmacs"]
         line = (f"- {row['label']}: {fmt(ours)} = backbone {fmt(count['backbone_gmacs'])}"
                 f" + rest {fmt(ours - count['backbone_gmacs'])}")
-        size, classes = count.get("input_size", settings["input_size"]), count.get("num_classes", settings["num_classes"])
+        size = count.get("input_size", settings["input_size"])
+        classes = count.get("num_classes", settings["num_classes"])
         if (size, classes) != (settings["input_size"], settings["num_classes"]):
             line += f" (counted on a {size}² image, {classes} classes)"
         if theirs is not None:
@@ -296,7 +298,8 @@ def build_table(name: str, spec: dict, results: dict[str, list[dict]], header: d
             raise SegreproError(f"table {name!r}: no results for row {row['label']!r} ({key})")
         if is_test_server(row):
             if not all(isinstance(run.get("submission"), str) for run in runs):
-                raise SegreproError(f"table {name!r}: row {key!r} is a test-server row: it needs submissions, not metrics")
+                raise SegreproError(
+                    f"table {name!r}: row {key!r} is a test-server row: it needs submissions, not metrics")
         else:
             values = _metric_values(name, key, runs, metrics)
             stats[key] = _seed_stats(values)
@@ -314,8 +317,9 @@ def build_table(name: str, spec: dict, results: dict[str, list[dict]], header: d
             record.update({"test_server": row["test_server"]["name"], "submission": "; ".join(submissions)})
             for metric in metrics:
                 ref = paper[key].get(metric)
-                record.update({f"{metric}_paper": float("nan") if ref is None else ref, f"{metric}_ours_mean": float("nan"),
-                               f"{metric}_ours_std": float("nan"), f"{metric}_n_seeds": 0, f"{metric}_delta": float("nan")})
+                record.update({f"{metric}_paper": float("nan") if ref is None else ref,
+                               f"{metric}_ours_mean": float("nan"), f"{metric}_ours_std": float("nan"),
+                               f"{metric}_n_seeds": 0, f"{metric}_delta": float("nan")})
                 cells += [fmt(ref), escape_cell(_server_cell(row["test_server"], submissions)), MISSING]
             records.append(record)
             lines.append("| " + " | ".join(cells) + " |")
@@ -417,7 +421,8 @@ def load_submission(path) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError):
         manifest = None
     if not isinstance(manifest, dict) or SUBMISSION_KEY not in manifest:
-        raise SegreproError(f"submission {path} has no segrepro manifest in its zip comment (write it with `segrepro submit`)")
+        raise SegreproError(
+            f"submission {path} has no segrepro manifest in its zip comment (write it with `segrepro submit`)")
     return dict(manifest, submission=str(path))
 
 
@@ -491,7 +496,8 @@ def _collect_runs(params, name: str, paper: str, spec: dict, scale: str, dataset
                                     f"'{metrics.get('split')}', but table {name!r} reports split '{split}'")
         if spec.get("flops"):
             if row["experiment"] not in counts:
-                raise SegreproError(f"{paths.flops_path(name)} has no count for {row['experiment']}: run `segrepro flops {name}`")
+                raise SegreproError(
+                    f"{paths.flops_path(name)} has no count for {row['experiment']}: run `segrepro flops {name}`")
             results[key] = [dict(run, gmacs=counts[row["experiment"]]["gmacs"]) for run in results[key]]
     runs = [run for per_seed in results.values() for run in per_seed]
 
@@ -506,7 +512,8 @@ def _collect_runs(params, name: str, paper: str, spec: dict, scale: str, dataset
         "iterations": distinct(run["iterations"] for run in runs),
         "seeds": list(seeds),
         "commits": distinct(run["train"]["git_commit"] for run in runs),
-        "note": f"Paper: {spec.get('reported_protocol', registry['reported_protocol'])}. Ours: {dataset_name} at scale '{scale}'"
+        "note": f"Paper: {spec.get('reported_protocol', registry['reported_protocol'])}."
+        f" Ours: {dataset_name} at scale '{scale}'"
         + ("." if scale == "paper" else "; Δ compares different data and model sizes, the claims compare"
            " our rows with each other.")
         + (f" {spec['notes'][scale]}" if scale in spec.get("notes", {}) else ""),

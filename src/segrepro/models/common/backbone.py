@@ -41,7 +41,8 @@ def create_timm_model(name: str, pretrained: bool | str, **kwargs) -> nn.Module:
                 "model.backbone.pretrained to false or to a matching weights file"
             ) from None
         if isinstance(pretrained, str):
-            raise SegreproError(f"backbone weights file {pretrained} could not be loaded ({type(err).__name__})") from None
+            raise SegreproError(
+                f"backbone weights file {pretrained} could not be loaded ({type(err).__name__})") from None
         # Offline, hub unreachable, unknown tag: all end the same way for the user.
         raise SegreproError(
             f"pretrained weights for backbone '{name}' could not be loaded ({type(err).__name__}): "
@@ -243,7 +244,8 @@ def _relayout_block(block: nn.Module, stride: int, dilation: int, first: bool) -
     if first:
         projection = block.downsample
         if not isinstance(projection, nn.Sequential) or not isinstance(projection[0], nn.Conv2d):
-            raise SegreproError("the iSeg ResNet layout needs a plain 1x1 projection shortcut in each stage's first block")
+            raise SegreproError(
+                "the iSeg ResNet layout needs a plain 1x1 projection shortcut in each stage's first block")
         projection[0].stride = (1, 1)
         if stride != 1:
             raise SegreproError("the iSeg ResNet layout never strides a stage's first block")

@@ -20,7 +20,8 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_inde
       (iSeg losses/catecrossentropy_ignore_label.py, reduction=False in utils/model_utils.py).
     """
     if normalization not in CE_NORMALIZATIONS:
-        raise SegreproError(f"cross-entropy normalization {normalization!r} is not one of: {', '.join(CE_NORMALIZATIONS)}")
+        raise SegreproError(
+            f"cross-entropy normalization {normalization!r} is not one of: {', '.join(CE_NORMALIZATIONS)}")
     total = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
     if normalization == "all_pixels":
         return total / labels.numel()

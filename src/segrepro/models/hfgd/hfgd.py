@@ -113,7 +113,8 @@ class HFGD(nn.Module):
         self.axial_attention = None
         if upsampler.type != "none":
             # Skips: the stages finer than the deepest one (a D8 backbone offers only stride 4).
-            skips = {s: c for s, c in zip(self.backbone.strides[:-1], self.backbone.channels[:-1]) if s < deepest_stride}
+            skips = {s: c for s, c in zip(self.backbone.strides[:-1], self.backbone.channels[:-1])
+                     if s < deepest_stride}
             self.skip_strides = sorted(skips)
             self.upsampler = build_upsampler(upsampler, skips, channels, channels)
             width = getattr(self.upsampler, "out_channels", channels)  # sfpn_mmseg's head is narrower
@@ -122,7 +123,8 @@ class HFGD(nn.Module):
             if hfgm.axial_attention:
                 self.axial_attention = AxialAttention(width, heads=hfgm.heads)
             if self.guidance and width != channels:
-                raise SegreproError(f"HFGM guidance needs the upsampler's output ({width}) as wide as the class tokens ({channels})")
+                raise SegreproError(f"HFGM guidance needs the upsampler's output ({width})"
+                                    f" as wide as the class tokens ({channels})")
             # Without guidance the upsampler has a classifier of its own (a plain SemanticFPN).
             self.upsampler_classifier = None if self.guidance else nn.Conv2d(width, num_classes, 1)
         elif hfgm.guidance or hfgm.axial_attention:

@@ -161,7 +161,8 @@ class MMSegSemanticFPN(nn.Module):
                 if level > 0:
                     x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
             # mmseg's FPNHead resizes each coarser result to the stride-4 level's size, then sums
-            out = x if out is None else out + F.interpolate(x, size=out.shape[-2:], mode="bilinear", align_corners=False)
+            out = x if out is None else out + F.interpolate(x, size=out.shape[-2:], mode="bilinear",
+                                                            align_corners=False)
         return out
 
 

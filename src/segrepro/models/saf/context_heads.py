@@ -182,7 +182,8 @@ class ComparisonModel(nn.Module):
         return self._upsample(self(images)["semantic"][-1], images.shape[-2:])
 
     def loss(self, outputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        main = masked_cross_entropy(self._upsample(outputs["semantic"][-1], labels.shape[-2:]), labels, self.ignore_index)
+        main = masked_cross_entropy(self._upsample(outputs["semantic"][-1], labels.shape[-2:]), labels,
+                                    self.ignore_index)
         if "regions" not in outputs:
             return main, {"main": main}
         aux = masked_cross_entropy(self._upsample(outputs["regions"][-1], labels.shape[-2:]), labels, self.ignore_index)

@@ -297,7 +297,8 @@ def relabel(
         raise PyramidError(f"unknown relabel policy {policy!r} (known: {', '.join(POLICIES)})")
     levels = len(semantic)
     if levels < 1 or len(unity) not in (levels, levels - 1):
-        raise PyramidError(f"relabel: {levels} semantic levels need {levels} or {levels - 1} unity maps, got {len(unity)}")
+        raise PyramidError(
+            f"relabel: {levels} semantic levels need {levels} or {levels - 1} unity maps, got {len(unity)}")
     new_sem = [y.clone() for y in semantic]
     new_uni = [u.clone() for u in unity]
     if policy == "naive":
@@ -404,7 +405,8 @@ def fuse(semantic_logits: Sequence[Tensor], unity_probs: Sequence[Tensor], tau: 
     """
     levels = len(semantic_logits)
     if levels < 1 or len(unity_probs) != levels - 1:
-        raise PyramidError(f"fuse: {levels} semantic levels need {max(levels - 1, 0)} unity maps, got {len(unity_probs)}")
+        raise PyramidError(
+            f"fuse: {levels} semantic levels need {max(levels - 1, 0)} unity maps, got {len(unity_probs)}")
     finest = semantic_logits[-1]
     b, _, h, w = finest.shape
     assignment = torch.full((b, h, w), levels - 1, dtype=torch.long, device=finest.device)

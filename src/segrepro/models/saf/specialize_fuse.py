@@ -103,7 +103,8 @@ class UnityHead(nn.Module):
     def __init__(self, in_channels: int, channels: int, variant: str = "paper"):
         super().__init__()
         if variant not in self.VARIANTS:
-            raise SegreproError(f"model.head.unity_head: unknown variant {variant!r} (known: {', '.join(self.VARIANTS)})")
+            raise SegreproError(
+                f"model.head.unity_head: unknown variant {variant!r} (known: {', '.join(self.VARIANTS)})")
         self.variant = variant
         self.reduce = nn.Conv2d(in_channels, channels, 1) if variant == "paper" else conv_bn_relu(in_channels, channels)
         self.centroid = nn.Conv2d(channels, channels, 1)
@@ -251,7 +252,8 @@ class SpecializeFuse(nn.Module):
                 f"{self.features.reduction}, got {finest}"
             )
         if any(s % finest for s in self.strides):
-            raise SegreproError(f"model.head.strides: every stride must be a multiple of {finest}: {list(self.strides)}")
+            raise SegreproError(
+                f"model.head.strides: every stride must be a multiple of {finest}: {list(self.strides)}")
         factors = [s // finest for s in self.strides]
         self.semantic = SemanticHead(self.features.out_channels, num_classes, head, factors)
         self.unity = (UnityHead(self.features.out_channels, head.unity_channels, head.unity_head)
