@@ -445,7 +445,8 @@ def test_stage_sources():
             "segrepro/models/factory.py", "segrepro/data/dataset.py", "segrepro/__init__.py"} <= train
     assert "segrepro/engine/inference.py" not in train and "segrepro/engine/evaluate.py" not in train
     assert {"segrepro/engine/evaluate.py", "segrepro/engine/inference.py", "segrepro/engine/metrics.py",
-            "segrepro/core/per_image.py", "segrepro/engine/checkpoint.py", "segrepro/models/pspnet/pspnet.py"} <= evaluate
+            "segrepro/core/per_image.py", "segrepro/engine/checkpoint.py",
+            "segrepro/models/pspnet/pspnet.py"} <= evaluate
     # An evaluation reads the trained model through engine.checkpoint: editing the trainer reruns none.
     assert "segrepro/engine/train.py" not in evaluate and "segrepro/engine/checkpoint.py" in train
     assert "segrepro/data/synthetic.py" in prepare and "segrepro/engine/train.py" not in prepare
