@@ -1,6 +1,6 @@
 """The JSON schema of params/ (workflow/schemas/params.schema.yaml): validation with one-line
-errors, and the enumerations its $defs share with the code (table kinds, metric names,
-test-server formats, comparison heads), so that each is defined once. Torch-free."""
+errors, and what its $defs share with the code (the comparison heads, the keys of an efficiency
+table's machine), so that each is defined once. Torch-free."""
 
 from __future__ import annotations
 

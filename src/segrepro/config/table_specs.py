@@ -2,10 +2,9 @@
 that a typo fails before any training. Torch-free: segrepro.config checks every spec on load.
 
 Structure (keys, types, what each `kind` allows) lives in one place, the `table` definition of
-workflow/schemas/params.schema.yaml, with the enumerations the code shares (kinds, metric names,
-comparison heads) in its $defs; this module only adds what a schema cannot
-express: claims naming rows of their table, metrics among the table's, grid cells, unique rows,
-test-server formats that segrepro.data.test_servers defines.
+workflow/schemas/params.schema.yaml (its $defs share enumerations between the table kinds); this
+module only adds what a schema cannot express: claims naming rows of their table, metrics among
+the table's, grid cells, unique rows, test-server formats that segrepro.data.test_servers defines.
 
 A row is one (experiment, test protocol) pair; a claim refers to rows by `experiment` or
 `experiment@protocol`, a bare experiment meaning protocol `ss`. A table of kind `efficiency` names
