@@ -68,7 +68,7 @@ def _module_file(source_root: Path, module: str) -> Path | None:
     return None
 
 
-def _imported_modules(path: Path, module: str) -> set[str]:
+def imported_modules(path: Path, module: str) -> set[str]:
     """Package modules imported anywhere in the file (functions too: lazy imports count)."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     return _imported_modules_of(ast.parse(path.read_text(), str(path)), package)
@@ -136,5 +136,5 @@ def stage_sources(stage: str, family: str | None = None, source_root: str = "src
         seen[module] = path
         parents = [".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)]
         pending.extend(parents)
-        pending.extend(_imported_modules(path, module))
+        pending.extend(imported_modules(path, module))
     return sorted(str(path) for path in seen.values())
