@@ -215,7 +215,7 @@ def build_efficiency_table(name: str, spec: dict, record: dict) -> tuple[str, pd
         records.append(entry)
         lines.append("| " + " | ".join(cells) + " |")
 
-    text = header_lines(name, spec, record) + [
+    text = header_lines(name, spec, dict(record, commits=[record["commit"]])) + [
         "", *lines, "",
         f"rel.: divided by the row '{escape_cell(labels[reference])}' of the same"
         " device; it is what compares across devices."]

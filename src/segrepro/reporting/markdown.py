@@ -18,7 +18,7 @@ from segrepro.core.paths import claims_path
 
 MISSING = "–"  # en dash, for a number the paper does not give
 MINUS = "−"  # the real minus sign, so that "−0.45" lines up with "+1.23"
-HEADER_KEYS = ("dataset", "scale", "backbone", "iterations", "seeds")
+HEADER_KEYS = ("dataset", "scale", "backbone", "iterations", "seeds", "commits")
 
 
 def fmt(value: float, digits: int = 2) -> str:
@@ -142,7 +142,7 @@ def header_claims_document(name: str, spec: dict, header: dict, claims: list[dic
     provenance with the judged claims."""
     return claims_document(name, spec, header["scale"], header["seeds"], claims, rule,
                            dataset=header["dataset"], backbone=header["backbone"], iterations=header["iterations"],
-                           commits=header.get("commits", header.get("commit")), note=header.get("note"))
+                           commits=header["commits"], note=header.get("note"))
 
 
 def read_claims(path: Path) -> dict:
@@ -195,15 +195,12 @@ def escape_cell(text: str) -> str:
 def check_header(name: str, header: dict) -> None:
     """Every table states its provenance: the keys `header_lines` prints must all be there."""
     missing = [k for k in HEADER_KEYS if k not in header]
-    if "commits" not in header and "commit" not in header:
-        missing.append("commits")
     if missing:
         raise SegreproError(f"table {name!r}: header lacks {', '.join(missing)}")
 
 
 def header_lines(name: str, spec: dict, header: dict) -> list[str]:
     """The title and the provenance block every table starts with."""
-    commits = header.get("commits", header.get("commit"))
     lines = [
         f"# {name}: {spec['title']}",
         "",
@@ -212,7 +209,7 @@ def header_lines(name: str, spec: dict, header: dict) -> list[str]:
         f"- Backbone: {fmt_header_value(header['backbone'])}",
         f"- Iterations: {fmt_header_value(header['iterations'])}",
         f"- Seeds: {fmt_header_value(header['seeds'])}",
-        f"- Commit: {fmt_header_value(commits)}",
+        f"- Commit: {fmt_header_value(header['commits'])}",
     ]
     if header.get("note"):
         lines += ["", str(header["note"])]
