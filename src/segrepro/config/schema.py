@@ -10,15 +10,16 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-# The schema beside the package's source tree (the project root holds both).
-PARAMS_SCHEMA = Path(__file__).resolve().parents[3] / "workflow" / "schemas" / "params.schema.yaml"
+from segrepro.core.errors import SegreproError
+
+# Under the project root, the working directory of every command, as params/ is
+# (segrepro.config.params): the installed package carries no data files.
+PARAMS_SCHEMA = Path("workflow/schemas/params.schema.yaml")
 
 
 def validate(instance: dict, schema: dict, where: str, prefix: str = "") -> None:
     """Validate against a JSON schema; the first error becomes one line naming the key (under
     `prefix`, the instance's own key in its file)."""
-    from segrepro.core.errors import SegreproError
-
     err = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(instance))
     if err is not None:
         key = ".".join([prefix] * bool(prefix) + [str(part) for part in err.absolute_path]) or "(top level)"
@@ -41,9 +42,12 @@ def validate(instance: dict, schema: dict, where: str, prefix: str = "") -> None
 
 @cache
 def schema_defs() -> dict:
-    """The $defs of workflow/schemas/params.schema.yaml, read once."""
-    with open(PARAMS_SCHEMA) as handle:
-        return yaml.load(handle, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))["$defs"]
+    """The $defs of workflow/schemas/params.schema.yaml, read once per process."""
+    try:
+        with open(PARAMS_SCHEMA) as handle:
+            return yaml.load(handle, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))["$defs"]
+    except FileNotFoundError:
+        raise SegreproError(f"{PARAMS_SCHEMA}: file not found (run segrepro from the project root)") from None
 
 
 def schema_enum(name: str) -> tuple:
